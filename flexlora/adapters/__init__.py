@@ -1,0 +1,17 @@
+"""Adapter layer, injection and the orthogonality penalty. Knows nothing of Lightning or Hydra."""
+
+from flexlora.adapters.apply import apply_plan
+from flexlora.adapters.inject import find_adapters, inject, matches
+from flexlora.adapters.layer import SLOT_DIM_ATTR, GrowSpec, SlotLoRALayer
+from flexlora.adapters.penalty import orthogonality_penalty
+
+__all__ = [
+    "SLOT_DIM_ATTR",
+    "GrowSpec",
+    "SlotLoRALayer",
+    "apply_plan",
+    "find_adapters",
+    "inject",
+    "matches",
+    "orthogonality_penalty",
+]

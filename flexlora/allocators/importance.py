@@ -1,0 +1,113 @@
+"""Per-matrix importance scores (DESIGN.md 4.3) and AdaLoRA's per-slot sensitivity (DESIGN.md 4.2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+
+from flexlora.adapters.layer import SlotLoRALayer
+
+ImportanceKind = Literal["entropy", "nuclear", "frobenius", "sensitivity"]
+ENTROPY_EPS = 1e-8
+
+
+def spectral_entropy(singular_values: torch.Tensor) -> float:
+    """Normalised spectral energy entropy I = H / log r of one matrix's live singular values.
+
+    ``e_i = lambda_i^2``, ``s_i = e_i / sum e``, ``H = -sum s_i log(s_i + 1e-8)``; computed in float64.
+    Conventions: r = 1 (log 1 = 0) gives 0; all-zero lambda gives 0.
+    """
+    lam = singular_values.detach().to(torch.float64).flatten()
+    r = lam.numel()
+    if r <= 1:
+        return 0.0
+    energy = lam.square()
+    total = energy.sum()
+    if total <= 0:
+        return 0.0
+    share = energy / total
+    entropy = -(share * torch.log(share + ENTROPY_EPS)).sum()
+    return float(entropy / math.log(r))
+
+
+def magnitude_importance(singular_values: torch.Tensor, kind: Literal["nuclear", "frobenius"]) -> float:
+    lam = singular_values.detach().to(torch.float64)
+    if kind == "nuclear":
+        return float(lam.abs().sum())
+    return float(lam.square().sum().sqrt())
+
+
+class SensitivityTracker:
+    """AdaLoRA's smoothed sensitivity x uncertainty, per element of A, E, B of every adapter.
+
+    ``I = |w * grad|``; ``Ibar = b1 Ibar + (1 - b1) I``; ``Ubar = b2 Ubar + (1 - b2) |I - Ibar|`` (with the
+    updated Ibar); element score ``s = Ibar * Ubar``. Accumulators start at zero. The arithmetic follows
+    peft's ``RankAllocator.update_ipt`` operation by operation, so scores agree with it to rounding.
+    """
+
+    def __init__(self, beta1: float = 0.85, beta2: float = 0.85) -> None:
+        if not (0 < beta1 < 1 and 0 < beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in (0, 1), got {beta1}, {beta2}")
+        self.beta1, self.beta2 = beta1, beta2
+        self.ipt_avg: dict[str, torch.Tensor] = {}
+        self.unc_avg: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _tensors(adapters: Mapping[str, SlotLoRALayer]) -> list[tuple[str, torch.Tensor]]:
+        out = []
+        for name, layer in adapters.items():
+            for pname in ("lora_A", "lora_E", "lora_B"):
+                p = getattr(layer, pname)
+                if p is not None:
+                    out.append((f"{name}.{pname}", p))
+        return out
+
+    @torch.no_grad()
+    def update(self, adapters: Mapping[str, SlotLoRALayer]) -> None:
+        items = [(k, p) for k, p in self._tensors(adapters) if p.grad is not None]
+        if not items:
+            return
+        for key, p in items:
+            if key not in self.ipt_avg:
+                self.ipt_avg[key] = torch.zeros_like(p)
+                self.unc_avg[key] = torch.zeros_like(p)
+            elif self.ipt_avg[key].device != p.device:  # state restored from a CPU checkpoint
+                self.ipt_avg[key] = self.ipt_avg[key].to(p.device)
+                self.unc_avg[key] = self.unc_avg[key].to(p.device)
+        params = [p.detach() for _, p in items]
+        grads = [p.grad for _, p in items]
+        ipt_avg = [self.ipt_avg[k] for k, _ in items]
+        unc_avg = [self.unc_avg[k] for k, _ in items]
+        ipt = torch._foreach_mul(params, grads)
+        torch._foreach_abs_(ipt)
+        torch._foreach_mul_(ipt_avg, self.beta1)
+        torch._foreach_add_(ipt_avg, torch._foreach_mul(ipt, 1 - self.beta1))
+        dev = torch._foreach_sub(ipt, ipt_avg)
+        torch._foreach_abs_(dev)
+        torch._foreach_mul_(unc_avg, self.beta2)
+        torch._foreach_add_(unc_avg, torch._foreach_mul(dev, 1 - self.beta2))
+
+    def triplet_scores(self, name: str, layer: SlotLoRALayer) -> torch.Tensor:
+        """S_i = s(E_i) + mean_j s(A_ij) + mean_j s(B_ji), one score per slot (all slots, live or not)."""
+        def score(pname: str) -> torch.Tensor | None:
+            key = f"{name}.{pname}"
+            if key not in self.ipt_avg:
+                return None
+            return self.ipt_avg[key] * self.unc_avg[key]
+
+        s_a, s_e, s_b = score("lora_A"), score("lora_E"), score("lora_B")
+        if s_a is None or s_b is None:
+            return torch.zeros(layer.max_rank, dtype=torch.float32, device=layer.lora_A.device)
+        a_b = torch.cat([s_a.mean(dim=1, keepdim=True), s_b.mean(dim=0).view(-1, 1)], dim=1).sum(dim=1)
+        return a_b if s_e is None else s_e.view(-1) + a_b
+
+    def state_dict(self) -> dict:
+        return {"beta1": self.beta1, "beta2": self.beta2, "ipt_avg": dict(self.ipt_avg), "unc_avg": dict(self.unc_avg)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.beta1, self.beta2 = state["beta1"], state["beta2"]
+        self.ipt_avg = dict(state["ipt_avg"])
+        self.unc_avg = dict(state["unc_avg"])

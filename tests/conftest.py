@@ -1,0 +1,76 @@
+"""Shared fixtures. Tests never touch the network: the hub is forced offline and W&B to offline mode."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def glue_root() -> Path:
+    """Real GLUE TSVs: $FLEXLORA_GLUE_DIR, else ../shared/data/glue next to the checkout."""
+    env = os.environ.get("FLEXLORA_GLUE_DIR")
+    if env:
+        return Path(env)
+    for parent in (REPO.parent, REPO.parent.parent):
+        candidate = parent / "shared" / "data" / "glue"
+        if candidate.is_dir():
+            return candidate
+    return REPO.parent / "shared" / "data" / "glue"
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    root = glue_root()
+    if not (root / "RTE" / "train.tsv").is_file():
+        pytest.skip(f"real GLUE TSVs not found at {root} (set FLEXLORA_GLUE_DIR)")
+    return root
+
+
+@pytest.fixture
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, num_labels=2)
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture
+def tiny_deberta():
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DebertaV2Config(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=32, max_position_embeddings=64, relative_attention=True,
+                             pos_att_type=["p2c", "c2p"], position_buckets=16, type_vocab_size=0,
+                             pooler_hidden_size=16, num_labels=3)
+    return DebertaV2ForSequenceClassification(config).eval()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=100, n_embd=16, n_layer=2, n_head=2, n_positions=64, num_labels=2,
+                        pad_token_id=0)
+    return GPT2ForSequenceClassification(config).eval()
+
+
+@pytest.fixture
+def token_batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 100, (3, 10), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
