@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flexlora.data import TaskDataModule
 from flexlora.errors import FlexLoRAError
+from flexlora.export import save_trained_state
 from flexlora.models import load_tokenizer
 from flexlora.training import FlexLoRAModule, RankAllocationCallback
 from flexlora.training.reporting import RankReporter
@@ -103,6 +104,7 @@ def train(cfg: DictConfig) -> float | None:
             "config": _container(cfg),
         }
         if trainer.is_global_zero:
+            save_trained_state(module, output_dir)
             (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
             log.info("metrics: %s", json.dumps(final_metrics))
             log.info("wrote %s", output_dir / "metrics.json")

@@ -67,6 +67,9 @@ class FlexLoRAModule(L.LightningModule):
         )
         self.val_metrics = torch.nn.ModuleDict({s: build_metrics(self.spec, s) for s in self.eval_splits})
         self.eval_history: list[dict[str, float]] = []
+        # A pretrained backbone is reloaded from its source, so checkpoints hold only what training changes.
+        self.base_is_reloadable = bool(backbone.get("pretrained"))
+        self.strict_loading = not self.base_is_reloadable
 
     # ------------------------------------------------------------------ steps
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -140,6 +143,35 @@ class FlexLoRAModule(L.LightningModule):
         warmup = round(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
         scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ compact state
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a run changes: trainable tensors and buffers (slot masks); everything for config-built backbones."""
+        state = self.state_dict()
+        if not self.base_is_reloadable:
+            return state
+        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
+        return {k: v for k, v in state.items() if k not in frozen}
+
+    def load_trained_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a :meth:`trained_state_dict`; every trainable tensor and every slot mask must be in it."""
+        required = set(self.trained_state_dict())
+        missing = sorted(required - set(state))
+        unexpected = sorted(set(state) - set(self.state_dict()))
+        if missing or unexpected:
+            raise FlexLoRAError(
+                f"the saved state does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                "was it made with a different backbone or allocator config?"
+            )
+        self.load_state_dict(dict(state), strict=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trained_state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(set(self.trained_state_dict()) - set(checkpoint["state_dict"]))
+        if missing:
+            raise FlexLoRAError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {missing[:3]}")
 
     # ------------------------------------------------------------------ reporting
     def rank_pattern(self) -> dict[str, int]:

@@ -1,0 +1,167 @@
+"""Export a run's adapter as a stock peft LoRA adapter (and optionally the merged model).
+
+    python -m flexlora.export --run RUN_DIR --out OUT_DIR [--merge] [--ckpt PATH]
+
+Each adapter is compacted to its live slots; lambda is folded into A (``A' = diag(lambda) A``), and
+``rank_pattern`` / ``alpha_pattern`` give every module peft's scale ``alpha_k / r_k = alpha / r0``, the
+constant training scale. The task head goes in ``modules_to_save``. peft itself writes the files
+(``save_pretrained``), so the folder is exactly what ``PeftModel.from_pretrained`` expects. A backbone that
+was built from a config (no pretrained weights anywhere) is saved beside the adapter as ``base_model/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flexlora.adapters import SlotLoRALayer
+from flexlora.errors import FlexLoRAError
+
+TRAINED_STATE = "trained_state.safetensors"
+log = logging.getLogger("flexlora.export")
+
+
+def save_trained_state(module: Any, run_dir: Path) -> Path:
+    """Called at the end of training: the final trained tensors, in the run folder."""
+    from safetensors.torch import save_file
+
+    path = Path(run_dir) / TRAINED_STATE
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.trained_state_dict().items()}, str(path))
+    return path
+
+
+def load_run(run_dir: Path, ckpt: Path | None = None):
+    """Rebuild the run's FlexLoRAModule with its trained weights (final state, or a Lightning checkpoint)."""
+    from flexlora.training.module import FlexLoRAModule
+
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise FlexLoRAError(f"{run_dir} has no metrics.json: pass the folder of a finished run (hydra run dir)")
+    config = json.loads(metrics_path.read_text())["config"]
+    module = FlexLoRAModule(
+        backbone=config["backbone"], allocator=config["allocator"], task=config["task"]["name"],
+        optimizer=lambda groups: None, seed=config["seed"],
+    )
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    else:
+        from safetensors.torch import load_file
+
+        path = run_dir / TRAINED_STATE
+        if not path.is_file():
+            raise FlexLoRAError(f"{path} is missing; export from a checkpoint with --ckpt <run>/checkpoints/last.ckpt")
+        state = load_file(str(path))
+    module.load_trained_state_dict(state)
+    return module.eval(), config
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """A copy of the model with every adapter replaced by its (frozen) base layer."""
+    plain = copy.deepcopy(model)
+    for name, layer in [(n, m) for n, m in plain.named_modules() if isinstance(m, SlotLoRALayer)]:
+        parent_name, _, child = name.rpartition(".")
+        setattr(plain.get_submodule(parent_name) if parent_name else plain, child, layer.base)
+    return plain
+
+
+def compact(layer: SlotLoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') of the live slots with lambda folded into A: dW = scale * B' A'."""
+    live = layer.mask
+    a = layer.lora_A.detach()[live]
+    if layer.lora_E is not None:
+        a = layer.lora_E.detach()[live].unsqueeze(1) * a
+    return a.clone(), layer.lora_B.detach()[:, live].clone()
+
+
+def to_peft(module: Any, config: dict[str, Any]):
+    """A peft ``PeftModelForSequenceClassification`` holding exactly the trained adapter."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    adapters: dict[str, SlotLoRALayer] = module.adapters
+    ranks = {name: layer.live_rank for name, layer in adapters.items()}
+    live = {name: r for name, r in ranks.items() if r > 0}
+    if not live:
+        raise FlexLoRAError("every adapter has rank 0: there is nothing to export")
+    scale = next(iter(adapters.values())).scale
+    default_r = Counter(live.values()).most_common(1)[0][0]
+    head = list(config["backbone"].get("head_modules") or [])
+    peft_config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=default_r,
+        lora_alpha=default_r * scale,
+        target_modules=sorted(live),
+        rank_pattern=dict(live),
+        alpha_pattern={name: r * scale for name, r in live.items()},
+        lora_dropout=next(iter(adapters.values())).dropout.p if isinstance(
+            next(iter(adapters.values())).dropout, nn.Dropout) else 0.0,
+        fan_in_fan_out=any(layer.fan_in_fan_out for layer in adapters.values()),
+        modules_to_save=head,
+        bias="none",
+    )
+    base = unwrap(module.model)
+    peft_model = get_peft_model(base, peft_config)
+    with torch.no_grad():
+        for name, r in live.items():
+            target = peft_model.base_model.model.get_submodule(name)
+            a, b = compact(adapters[name])
+            target.lora_A["default"].weight.copy_(a)
+            target.lora_B["default"].weight.copy_(b)
+            assert abs(target.scaling["default"] - scale) < 1e-12 * max(1.0, scale)
+    return peft_model.eval(), ranks
+
+
+def export(run_dir: Path, out_dir: Path, merge: bool = False, ckpt: Path | None = None) -> dict[str, Any]:
+    from flexlora.models import load_tokenizer, resolve_pretrained
+
+    module, config = load_run(run_dir, ckpt)
+    peft_model, ranks = to_peft(module, config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone = config["backbone"]
+    if backbone.get("pretrained"):
+        base_ref = resolve_pretrained(backbone["pretrained"])
+    else:  # built from a config: ship the exact base weights so peft can load onto them
+        base_dir = out_dir / "base_model"
+        unwrap(module.model).save_pretrained(base_dir)
+        base_ref = str(base_dir.resolve())
+    peft_model.peft_config["default"].base_model_name_or_path = base_ref
+    peft_model.save_pretrained(out_dir)
+    (out_dir / "rank_pattern.json").write_text(json.dumps(ranks, indent=2))
+    tokenizer = load_tokenizer(backbone)
+    tokenizer.save_pretrained(out_dir)
+    summary = {"out": str(out_dir), "base_model": base_ref, "matrices": len(ranks), "total_rank": sum(ranks.values())}
+    if merge:
+        merged = copy.deepcopy(peft_model).merge_and_unload()
+        merged.save_pretrained(out_dir / "merged")
+        tokenizer.save_pretrained(out_dir / "merged")
+        summary["merged"] = str(out_dir / "merged")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flexlora.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, type=Path, help="run folder (contains metrics.json)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder for the peft adapter")
+    parser.add_argument("--merge", action="store_true", help="also write the merged model to OUT/merged")
+    parser.add_argument("--ckpt", type=Path, default=None, help="export a Lightning checkpoint instead of the final state")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        summary = export(args.run, args.out, merge=args.merge, ckpt=args.ckpt)
+    except FlexLoRAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
