@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ from flexlora.training import FlexLoRAModule, RankAllocationCallback
 from flexlora.training.reporting import RankReporter
 
 log = logging.getLogger(__name__)
+
+# The DataModule checkpoints its position in the epoch and its sampler skips what was consumed, so a
+# mid-epoch resume is exact; Lightning cannot see that and would warn on every resume.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 def _container(cfg: DictConfig | None) -> Any:
@@ -52,7 +57,11 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, FlexLoRAModule, L.Trainer, R
     reporter = RankReporter(output_dir, **(_container(cfg.get("report")) or {}))
     allocation.listeners.append(reporter.on_event)
     callbacks: list[L.Callback] = [allocation, reporter]
-    callbacks += [hydra.utils.instantiate(c) for c in _targets(cfg.get("callbacks"))]
+    show_progress = cfg.trainer.get("enable_progress_bar", True)
+    callbacks += [
+        hydra.utils.instantiate(c) for c in _targets(cfg.get("callbacks"))
+        if show_progress or not str(c["_target_"]).endswith("ProgressBar")
+    ]
     loggers = [hydra.utils.instantiate(c) for c in _targets(cfg.get("logger"))]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer, allocation
