@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -18,7 +19,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
     except FlexLoRAError as err:
+        # one clear line, no traceback; the run folder is marked failed, never left looking finished
         logging.getLogger("flexlora").error("%s", err)
+        (Path(cfg.paths.output_dir) / "error.txt").write_text(f"{err}\n")
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

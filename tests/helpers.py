@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -22,8 +21,7 @@ def tiny_run_config(output_dir: Path, glue_dir: Path, *overrides: str) -> DictCo
     ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=base + list(overrides), return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
-        cfg.pop("hydra")
+        cfg.pop("hydra")  # no HydraConfig singleton: Lightning's DDP launcher would treat the run as a Hydra app
+        cfg.paths.output_dir = str(output_dir)
     return cfg

@@ -49,14 +49,14 @@ class RankAllocationCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(pl_module, FlexLoRAModule):
-            raise FlexLoRAError("RankAllocationCallback needs a FlexLoRAModule")
         strategy = type(trainer.strategy).__name__
         if any(s in strategy for s in SHARDED_STRATEGIES):
             raise FlexLoRAError(
                 f"trainer strategy {strategy} shards parameters, which rank allocation does not support yet "
                 "(masks and optimizer surgery need whole tensors on every rank); use trainer=ddp or a single device"
             )
+        if not isinstance(pl_module, FlexLoRAModule):
+            raise FlexLoRAError("RankAllocationCallback needs a FlexLoRAModule")
         self.allocator = build_allocator(pl_module.allocator_config)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
