@@ -11,6 +11,7 @@ Per optimizer step t (``trainer.global_step`` counts them, never micro-batches):
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ from flexlora.errors import FlexLoRAError
 from flexlora.training.module import FlexLoRAModule
 from flexlora.training.surgery import apply_surgery, supports_slot_surgery
 
+log = logging.getLogger(__name__)
 SHARDED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
 
 EventListener = Callable[[dict[str, Any]], None]
@@ -128,6 +130,11 @@ class RankAllocationCallback(Callback):
         if plan.budget is not None:
             metrics["alloc/budget"] = float(plan.budget)
         if trainer.is_global_zero:
+            log.info(
+                "step %d: allocation event %d: pruned %d, grown %d, soft-masked %d; total live rank %d (budget %s)",
+                plan.step, self.events, metrics["alloc/pruned"], metrics["alloc/grown"], record["soft_masked"],
+                record["total_rank"], plan.budget,
+            )
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=plan.step)
             for listener in self.listeners:
