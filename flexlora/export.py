@@ -110,7 +110,7 @@ def to_peft(module: Any, config: dict[str, Any]):
     base = unwrap(module.model)
     peft_model = get_peft_model(base, peft_config)
     with torch.no_grad():
-        for name, r in live.items():
+        for name in live:
             target = peft_model.base_model.model.get_submodule(name)
             a, b = compact(adapters[name])
             target.lora_A["default"].weight.copy_(a)
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, type=Path, help="run folder (contains metrics.json)")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the peft adapter")
     parser.add_argument("--merge", action="store_true", help="also write the merged model to OUT/merged")
-    parser.add_argument("--ckpt", type=Path, default=None, help="export a Lightning checkpoint instead of the final state")
+    parser.add_argument("--ckpt", type=Path, default=None,
+                        help="export this Lightning checkpoint instead of the run's final state")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

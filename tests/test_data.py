@@ -122,7 +122,7 @@ def test_malformed_tsv_names_file_and_line(tmp_path):
 
 
 def test_missing_data_dir_says_what_to_pass(tmp_path):
-    with pytest.raises(FlexLoRAError, match="task.data_dir"):
+    with pytest.raises(FlexLoRAError, match=r"task\.data_dir"):
         load_glue_tsv(tmp_path / "nope", TASKS["rte"])
 
 
@@ -131,7 +131,7 @@ def test_hub_unreachable_without_data_dir_fails_fast(tokenizer):
 
     dm = TaskDataModule("rte", tokenizer)
     started = time.time()
-    with pytest.raises(FlexLoRAError, match="task.data_dir"):
+    with pytest.raises(FlexLoRAError, match=r"task\.data_dir"):
         dm.setup("fit")
     assert time.time() - started < 20
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from flexlora.train import build
 from tests.helpers import tiny_run_config

@@ -41,7 +41,7 @@ def test_slot_tensors_match_adamw_without_surgery():
         ref.step()
     for (p, _), q in zip(layer.slot_params(), ref_params, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-        assert ours.state[p]["step"].shape == (p.shape[getattr(p, "_flexlora_slot_dim")],)
+        assert ours.state[p]["step"].shape == (p.shape[p._flexlora_slot_dim],)
 
 
 def trained_layer(steps: int = 5):

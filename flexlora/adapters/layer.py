@@ -86,7 +86,9 @@ class SlotLoRALayer(nn.Module):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         if max_rank < rank:
-            raise ValueError(f"max_rank ({max_rank}) must be >= rank ({rank}); set allocator.max_rank >= allocator.rank")
+            raise ValueError(
+                f"max_rank ({max_rank}) must be >= rank ({rank}); set allocator.max_rank >= allocator.rank"
+            )
         self.base = base
         self.form: AdapterForm = form
         self.rank = rank

@@ -25,7 +25,7 @@ def event_budget(schedule: str, b0: int, progress: float) -> int:
         value = b0 * (1 - progress**3)
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
-    return int(round(value))
+    return round(value)
 
 
 class FlexLoRAAllocator(Allocator):
@@ -46,7 +46,9 @@ class FlexLoRAAllocator(Allocator):
     def _validate(self, adapters: Adapters) -> None:
         c = self.config
         if self.first_event_step() >= self.window_end():
-            raise self.schedule_error("no allocation event fits: the first event t_init + delta_t must be < T - t_final")
+            raise self.schedule_error(
+                "no allocation event fits: the first event t_init + delta_t must be < T - t_final"
+            )
         sets = 2 if c.direction == "both" else 1
         n = len(adapters)
         if sets * c.budget_per_event > n:

@@ -184,7 +184,7 @@ def load_tweets(val_fraction: float = 0.1, split_seed: int = 0) -> dict[str, Col
         texts = sorted(texts)
         rng.shuffle(texts)
         texts = texts[:size]
-        cut = int(round(len(texts) * val_fraction))
+        cut = round(len(texts) * val_fraction)
         val += [(t, label) for t in texts[:cut]]
         train += [(t, label) for t in texts[cut:]]
     rng.shuffle(train)

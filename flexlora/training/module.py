@@ -194,4 +194,6 @@ def _targets(value: Any) -> str | list[str]:
     try:
         return [str(v) for v in value]
     except TypeError as err:
-        raise FlexLoRAError(f"backbone.target_modules must be a regex string or a list of names, got {value!r}") from err
+        raise FlexLoRAError(
+            f"backbone.target_modules must be a regex string or a list of names, got {value!r}"
+        ) from err

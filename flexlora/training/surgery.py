@@ -47,7 +47,9 @@ def reset_layer_slots(optimizer: Optimizer, layer: SlotLoRALayer, slots: Sequenc
         reset_slots(optimizer, param, dim, slots)
 
 
-def apply_surgery(optimizer: Optimizer, adapters: Mapping[str, SlotLoRALayer], touched: Mapping[str, list[int]]) -> None:
+def apply_surgery(
+    optimizer: Optimizer, adapters: Mapping[str, SlotLoRALayer], touched: Mapping[str, list[int]]
+) -> None:
     """Reset the optimizer state of every touched slot (the return value of ``apply_plan``)."""
     for name, slots in touched.items():
         reset_layer_slots(optimizer, adapters[name], slots)
