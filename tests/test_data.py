@@ -28,9 +28,9 @@ def tokenizer():
 
 
 @pytest.mark.parametrize("task", sorted(COUNTS))
-def test_real_glue_row_counts(glue_dir, task):
+def test_real_glue_row_counts(real_glue_dir, task):
     folder, n_train, n_dev, hist = COUNTS[task]
-    splits = load_glue_tsv(glue_dir / folder, TASKS[task])
+    splits = load_glue_tsv(real_glue_dir / folder, TASKS[task])
     assert len(splits["train"]["label"]) == n_train and len(splits["val"]["label"]) == n_dev
     assert len(splits["train"]["text_a"]) == n_train
     if hist:
@@ -41,14 +41,14 @@ def test_real_glue_row_counts(glue_dir, task):
         assert len(splits["train"]["text_b"]) == n_train
 
 
-def test_mrpc_bom_and_quotes_are_read_canonically(glue_dir):
-    splits = load_glue_tsv(glue_dir / "MRPC", TASKS["mrpc"])
+def test_mrpc_bom_and_quotes_are_read_canonically(real_glue_dir):
+    splits = load_glue_tsv(real_glue_dir / "MRPC", TASKS["mrpc"])
     assert any('"' in text for text in splits["train"]["text_a"])  # QUOTE_NONE keeps bare quotes
 
 
 @pytest.mark.parametrize("task, folder", [("rte", "RTE"), ("stsb", "STS-B"), ("cola", "CoLA")])
-def test_tokenised_batches(glue_dir, tokenizer, task, folder):
-    dm = TaskDataModule(task, tokenizer, data_dir=str(glue_dir / folder), max_length=40, batch_size=8,
+def test_tokenised_batches(real_glue_dir, tokenizer, task, folder):
+    dm = TaskDataModule(task, tokenizer, data_dir=str(real_glue_dir / folder), max_length=40, batch_size=8,
                         eval_batch_size=16, max_train_samples=64, max_eval_samples=32)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
