@@ -45,7 +45,8 @@ def glue_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("glue")
     (root / "RTE").mkdir()
     rng = random.Random(0)
-    words = "the a cat dog runs sleeps on under big small red blue house tree river city".split()
+    words = ["the", "a", "cat", "dog", "runs", "sleeps", "on", "under", "big", "small", "red", "blue", "house", "tree",
+             "river", "city"]
     for name, rows in (("train.tsv", 400), ("dev.tsv", 80)):
         lines = ["index\tsentence1\tsentence2\tlabel"]
         for i in range(rows):

@@ -203,11 +203,13 @@ def test_inject_non_linear_match_is_refused(tiny_bert):
 
 
 def test_orthogonality_penalty_forms_and_live_slots_only():
-    layers = [make_layer("svd", rank=3, max_rank=4, seed=s) for s in range(2)]
+    # two slot capacities: the penalty stacks grams per capacity, so mixing them must not change the value
+    layers = [make_layer("svd", rank=3, max_rank=m, seed=s) for s, m in enumerate((4, 4, 6))]
     for i, layer in enumerate(layers):
         randomise(layer, seed=10 + i)
         with torch.no_grad():
-            layer.mask.copy_(torch.tensor([1, 1, 0, 1], dtype=torch.bool))
+            layer.mask.zero_()
+            layer.mask[[0, 1, 3]] = True
     eye = torch.eye(3)
     code_terms, paper_terms = [], []
     for layer in layers:

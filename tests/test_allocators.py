@@ -43,6 +43,30 @@ def test_entropy_is_float64_and_scale_invariant():
     assert spectral_entropy(lam) == pytest.approx(0.755928, abs=1e-6)
 
 
+def test_batched_importance_matches_the_scalar_reference():
+    """The allocator scores all matrices in one pass; it must equal the per-matrix equations exactly."""
+    from flexlora.allocators.importance import batched_importance, magnitude_importance
+
+    generator = torch.Generator().manual_seed(3)
+    rows = [[1, 1, 0], [2, 1, 0.1], [0.5, -0.5, 0.5, -0.5], [2.5], [0, 0, 0], [1e-20, 2e-20, 3e-20]]
+    rows += [torch.randn(int(k), generator=generator).tolist() for k in torch.randint(1, 9, (20,), generator=generator)]
+    width = 8
+    lam = torch.randn(len(rows), width, generator=generator) * 5  # dead slots hold garbage that must not count
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, values in enumerate(rows):
+        slots = torch.randperm(width, generator=generator)[: len(values)].sort().values
+        lam[i, slots] = torch.tensor(values, dtype=torch.float32)
+        mask[i, slots] = True
+    live = [lam[i][mask[i]] for i in range(len(rows))]
+    entropy = batched_importance(lam, mask, "entropy")
+    assert entropy.dtype == torch.float64
+    for i, values in enumerate(live):
+        assert entropy[i].item() == pytest.approx(spectral_entropy(values), abs=1e-12)
+        for kind in ("nuclear", "frobenius"):
+            got = batched_importance(lam, mask, kind)[i].item()
+            assert got == pytest.approx(magnitude_importance(values, kind), rel=1e-12, abs=1e-300)
+
+
 def fake_adapters(n: int = 12, rank: int = 4, max_rank: int = 8, form: str = "svd") -> dict[str, SlotLoRALayer]:
     torch.manual_seed(0)
     return {

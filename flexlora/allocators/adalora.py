@@ -59,43 +59,60 @@ class AdaLoRAAllocator(Allocator):
     def slot_scores(self, adapters: Adapters) -> dict[str, torch.Tensor]:
         return {name: self.tracker.triplet_scores(name, layer) for name, layer in adapters.items()}
 
-    def importance(self, adapters: Adapters) -> dict[str, float]:
-        out = {}
-        for name, scores in self.slot_scores(adapters).items():
-            live = scores[adapters[name].mask]
-            out[name] = float(live.mean()) if live.numel() else 0.0
-        return out
+    def _score_table(self, adapters: Adapters) -> tuple[torch.Tensor, torch.Tensor]:
+        """Triplet scores and masks as (n, max slots) tensors, computed once per plan; padding is dead."""
+        width = max(layer.max_rank for layer in adapters.values())
+        first = next(iter(adapters.values())).mask
+        scores = torch.zeros(len(adapters), width, dtype=torch.float32, device=first.device)
+        mask = torch.zeros(len(adapters), width, dtype=torch.bool, device=first.device)
+        for row, (name, layer) in enumerate(adapters.items()):
+            scores[row, : layer.max_rank] = self.tracker.triplet_scores(name, layer)
+            mask[row, : layer.max_rank] = layer.mask
+        return scores, mask
 
-    def _lowest(self, adapters: Adapters, count: int) -> dict[str, list[int]]:
-        """The ``count`` live slots with the smallest triplet scores (stable order breaks ties)."""
-        scores = self.slot_scores(adapters)
-        flat, owners = [], []
-        for name, layer in adapters.items():
-            live = layer.live_slots()
-            flat.append(scores[name][live].float().cpu())
-            owners.extend((name, int(i)) for i in live)
+    @staticmethod
+    def _importance(adapters: Adapters, scores: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+        """Mean triplet score of each matrix's live slots (logged, not used for decisions)."""
+        live = mask.sum(dim=1)
+        means = torch.where(live > 0, (scores * mask).sum(dim=1) / live.clamp_min(1), torch.zeros_like(scores[:, 0]))
+        return dict(zip(adapters, means.tolist(), strict=True))
+
+    def importance(self, adapters: Adapters) -> dict[str, float]:
+        return self._importance(adapters, *self._score_table(adapters))
+
+    @staticmethod
+    def _lowest(adapters: Adapters, scores: torch.Tensor, mask: torch.Tensor, count: int) -> dict[str, list[int]]:
+        """The ``count`` live slots with the smallest triplet scores.
+
+        Ties go to the earlier matrix, then the lower slot (a stable sort over the row-major table, the same
+        order as peft's concatenation of per-matrix scores).
+        """
         chosen: dict[str, list[int]] = {name: [] for name in adapters}
-        if count <= 0 or not owners:
+        if count <= 0:
             return chosen
-        order = torch.argsort(torch.cat(flat), stable=True)[:count]
-        for idx in order.tolist():
-            name, slot = owners[idx]
-            chosen[name].append(slot)
+        names = list(adapters)
+        width = scores.shape[1]
+        flat = scores.masked_fill(~mask, float("inf")).flatten()
+        for idx in torch.argsort(flat, stable=True)[:count].tolist():
+            chosen[names[idx // width]].append(idx % width)
         return {name: sorted(slots) for name, slots in chosen.items()}
 
     def plan(self, adapters: Adapters, step: int) -> RankPlan | None:
-        if step == self.final_step:
-            live_total = sum(layer.live_rank for layer in adapters.values())
-            prune = self._lowest(adapters, live_total - self.target_budget)
-            return RankPlan(step=step, prune=prune, budget=self.target_budget, importance=self.importance(adapters))
-        if step >= self.final_step:
+        if step > self.final_step:
             return None
-        budget, mask_now = self.budget(step)
-        if not mask_now or step <= self.t_init:
-            return None
-        live_total = sum(layer.live_rank for layer in adapters.values())
-        zero = self._lowest(adapters, live_total - budget)
-        return RankPlan(step=step, zero_lambda=zero, budget=budget, importance=self.importance(adapters))
+        if step < self.final_step:
+            budget, mask_now = self.budget(step)
+            if not mask_now or step <= self.t_init:
+                return None
+        else:
+            budget = self.target_budget
+        scores, mask = self._score_table(adapters)
+        live_total = int(mask.sum())
+        lowest = self._lowest(adapters, scores, mask, live_total - budget)
+        importance = self._importance(adapters, scores, mask)
+        if step == self.final_step:  # the pattern is fixed: masked slots die
+            return RankPlan(step=step, prune=lowest, budget=budget, importance=importance)
+        return RankPlan(step=step, zero_lambda=lowest, budget=budget, importance=importance)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

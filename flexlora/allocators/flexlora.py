@@ -10,7 +10,7 @@ import torch
 from flexlora.adapters.layer import SlotLoRALayer
 from flexlora.allocators.base import Adapters, Allocator
 from flexlora.allocators.config import FlexLoRAConfig
-from flexlora.allocators.importance import SensitivityTracker, magnitude_importance, spectral_entropy
+from flexlora.allocators.importance import SensitivityTracker, batched_importance
 from flexlora.allocators.plan import RankPlan
 from flexlora.errors import FlexLoRAError
 
@@ -80,29 +80,52 @@ class FlexLoRAAllocator(Allocator):
             self.tracker.update(adapters)
 
     def importance(self, adapters: Adapters) -> dict[str, float]:
+        """Score every matrix; spectral scores in one batched pass per slot capacity (see batched_importance)."""
         kind = self.config.importance
-        scores: dict[str, float] = {}
-        for name, layer in adapters.items():
-            if kind == "entropy":
-                scores[name] = spectral_entropy(layer.live_lambda())
-            elif kind in ("nuclear", "frobenius"):
-                scores[name] = magnitude_importance(layer.live_lambda(), kind)  # type: ignore[arg-type]
-            else:
-                assert self.tracker is not None
+        if kind == "sensitivity":
+            assert self.tracker is not None
+            scores: dict[str, float] = {}
+            for name, layer in adapters.items():
                 live = self.tracker.triplet_scores(name, layer)[layer.mask]
                 scores[name] = float(live.double().mean()) if live.numel() else 0.0
-        return scores
+            return scores
+        values, _ = self._spectral_scores(adapters, kind)
+        return values
+
+    @staticmethod
+    def _spectral_scores(adapters: Adapters, kind: str) -> tuple[dict[str, float], dict[str, int]]:
+        """(importance, live rank) per matrix, with one host transfer per group of equal slot capacity."""
+        groups: dict[int, list[str]] = {}
+        for name, layer in adapters.items():
+            groups.setdefault(layer.max_rank, []).append(name)
+        scores: dict[str, float] = {}
+        ranks: dict[str, int] = {}
+        for names in groups.values():
+            layers = [adapters[n] for n in names]
+            mask = torch.stack([layer.mask for layer in layers])
+            lam = torch.stack([
+                layer.lora_E.detach() if layer.lora_E is not None else torch.ones_like(layer.mask, dtype=torch.float64)
+                for layer in layers
+            ]).to(torch.float64)
+            group_scores = batched_importance(lam, mask, kind).tolist()  # type: ignore[arg-type]
+            group_ranks = mask.sum(dim=1).tolist()
+            scores.update(zip(names, group_scores, strict=True))
+            ranks.update(zip(names, group_ranks, strict=True))
+        return {n: scores[n] for n in adapters}, {n: ranks[n] for n in adapters}
 
     def plan(self, adapters: Adapters, step: int) -> RankPlan | None:
         if not self.is_event(step):
             return None
         b = self.budget(step)
-        importance = self.importance(adapters)
+        c = self.config
+        if c.importance == "sensitivity":
+            importance = self.importance(adapters)
+            ranks = {name: layer.live_rank for name, layer in adapters.items()}
+        else:
+            importance, ranks = self._spectral_scores(adapters, c.importance)
         if b <= 0:
             return None
-        c = self.config
         order = {name: i for i, name in enumerate(adapters)}
-        ranks = {name: layer.live_rank for name, layer in adapters.items()}
         ascending = sorted(adapters, key=lambda n: (importance[n], order[n]))
         shrink: list[str] = []
         if c.direction in ("both", "prune_only"):

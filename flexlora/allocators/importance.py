@@ -33,6 +33,29 @@ def spectral_entropy(singular_values: torch.Tensor) -> float:
     return float(entropy / math.log(r))
 
 
+def batched_importance(
+    lambdas: torch.Tensor, mask: torch.Tensor, kind: Literal["entropy", "nuclear", "frobenius"]
+) -> torch.Tensor:
+    """The per-matrix scores of many matrices at once, from stacked (n, max_rank) lambdas and masks.
+
+    Same equations and conventions as :func:`spectral_entropy` / :func:`magnitude_importance` (dead slots
+    contribute exactly zero), in float64; one pass instead of ~10 small ops per matrix, which is what
+    makes a FlexLoRA event cheap on 72 matrices.
+    """
+    lam = lambdas.detach().to(torch.float64) * mask.to(torch.float64)
+    if kind == "nuclear":
+        return lam.abs().sum(dim=1)
+    energy = lam.square()
+    total = energy.sum(dim=1)
+    if kind == "frobenius":
+        return total.sqrt()
+    share = energy / total.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+    entropy = -(share * torch.log(share + ENTROPY_EPS)).sum(dim=1)
+    ranks = mask.sum(dim=1).to(torch.float64)
+    defined = (ranks > 1) & (total > 0)
+    return torch.where(defined, entropy / torch.log(ranks.clamp_min(2.0)), torch.zeros_like(entropy))
+
+
 def magnitude_importance(singular_values: torch.Tensor, kind: Literal["nuclear", "frobenius"]) -> float:
     lam = singular_values.detach().to(torch.float64)
     if kind == "nuclear":
@@ -44,9 +67,12 @@ class SensitivityTracker:
     """AdaLoRA's smoothed sensitivity x uncertainty, per element of A, E, B of every adapter.
 
     ``I = |w * grad|``; ``Ibar = b1 Ibar + (1 - b1) I``; ``Ubar = b2 Ubar + (1 - b2) |I - Ibar|`` (with the
-    updated Ibar); element score ``s = Ibar * Ubar``. Accumulators start at zero. The arithmetic follows
-    peft's ``RankAllocator.update_ipt`` operation by operation, so scores agree with it to rounding.
+    updated Ibar); element score ``s = Ibar * Ubar``. Accumulators start at zero. Same equations as peft's
+    ``RankAllocator.update_ipt``; the EMA updates use ``add_(x, alpha=1 - beta)`` (one pass, no temporary),
+    so scores agree with peft to float32 rounding (tests/test_adalora_vs_peft.py checks 1e-6).
     """
+
+    CPU_CHUNK = 12  # tensors per foreach call on CPU (4 matrices: well under 1 MB of state, stays in L2)
 
     def __init__(self, beta1: float = 0.85, beta2: float = 0.85) -> None:
         if not (0 < beta1 < 1 and 0 < beta2 < 1):
@@ -77,6 +103,14 @@ class SensitivityTracker:
             elif self.ipt_avg[key].device != p.device:  # state restored from a CPU checkpoint
                 self.ipt_avg[key] = self.ipt_avg[key].to(p.device)
                 self.unc_avg[key] = self.unc_avg[key].to(p.device)
+        # On CPU a foreach op is a loop of per-tensor kernels: running each op over all tensors streams the
+        # whole state through memory ~10 times. Chunks of a few tensors keep the work in cache (2-3x faster
+        # on 72 DeBERTa-base matrices); on CUDA one fused multi-tensor call over everything is best.
+        chunk = len(items) if items[0][1].is_cuda else self.CPU_CHUNK
+        for start in range(0, len(items), chunk):
+            self._update_chunk(items[start : start + chunk])
+
+    def _update_chunk(self, items: list[tuple[str, torch.Tensor]]) -> None:
         params = [p.detach() for _, p in items]
         grads = [p.grad for _, p in items]
         ipt_avg = [self.ipt_avg[k] for k, _ in items]
@@ -84,11 +118,11 @@ class SensitivityTracker:
         ipt = torch._foreach_mul(params, grads)
         torch._foreach_abs_(ipt)
         torch._foreach_mul_(ipt_avg, self.beta1)
-        torch._foreach_add_(ipt_avg, torch._foreach_mul(ipt, 1 - self.beta1))
-        dev = torch._foreach_sub(ipt, ipt_avg)
-        torch._foreach_abs_(dev)
+        torch._foreach_add_(ipt_avg, ipt, alpha=1 - self.beta1)
+        torch._foreach_sub_(ipt, ipt_avg)  # ipt is not needed any more: reuse it for |I - Ibar|
+        torch._foreach_abs_(ipt)
         torch._foreach_mul_(unc_avg, self.beta2)
-        torch._foreach_add_(unc_avg, torch._foreach_mul(dev, 1 - self.beta2))
+        torch._foreach_add_(unc_avg, ipt, alpha=1 - self.beta2)
 
     def triplet_scores(self, name: str, layer: SlotLoRALayer) -> torch.Tensor:
         """S_i = s(E_i) + mean_j s(A_ij) + mean_j s(B_ji), one score per slot (all slots, live or not)."""
