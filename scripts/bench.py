@@ -794,9 +794,12 @@ def evaluate_targets(results: dict[str, Any]) -> dict[str, Any]:
                 extra[key]["predicted_from_components"] = step["components"][m]["predicted_ratio_vs_lora"]
     cost = results.get("allocator_cost")
     if cost:
-        values["adalora_scoring_ms"] = cost["adalora_scoring"]["ms_median"]
-        values["adalora_masking_step_ms"] = cost["adalora_masking_step"]["ms_median"]
-        values["flexlora_event_ms"] = cost["flexlora_event"]["ms_median"]
+        # judged on the calling thread's CPU time: the calls are single-threaded, and on a machine shared with
+        # other work wall time also counts the time the thread waited for a core (wall ms are reported beside)
+        for target, call in (("adalora_scoring_ms", "adalora_scoring"), ("adalora_masking_step_ms",
+                             "adalora_masking_step"), ("flexlora_event_ms", "flexlora_event")):
+            values[target] = cost[call].get("cpu_ms_median", cost[call]["ms_median"])
+            extra[target] = {"wall_ms": cost[call]["ms_median"]}
     memory = results.get("memory")
     if memory:
         values["flexlora_peak_rss_vs_lora"] = memory["flexlora"]["peak_rss_fit_vs_lora"]
@@ -870,6 +873,8 @@ def markdown_tables(results: dict[str, Any]) -> str:
         lines += ["| target | measured | limit | |", "|---|---:|---:|---|"]
         for k, t in targets.items():
             measured = f"{t['value']:.3f} {t['unit']}"
+            if "wall_ms" in t:
+                measured = f"{t['value']:.2f} CPU ms (wall {t['wall_ms']:.2f} ms)"
             if "predicted_from_components" in t:
                 measured += (f" (components: {t['predicted_from_components']:.3f}; "
                              f"lora_control: {t['noise_floor_lora_control']:.3f})")

@@ -61,14 +61,13 @@ class AdaLoRAAllocator(Allocator):
 
     def _score_table(self, adapters: Adapters) -> tuple[torch.Tensor, torch.Tensor]:
         """Triplet scores and masks as (n, max slots) tensors, computed once per plan; padding is dead."""
-        width = max(layer.max_rank for layer in adapters.values())
-        first = next(iter(adapters.values())).mask
-        scores = torch.zeros(len(adapters), width, dtype=torch.float32, device=first.device)
-        mask = torch.zeros(len(adapters), width, dtype=torch.bool, device=first.device)
-        for row, (name, layer) in enumerate(adapters.items()):
-            scores[row, : layer.max_rank] = self.tracker.triplet_scores(name, layer)
-            mask[row, : layer.max_rank] = layer.mask
-        return scores, mask
+        rows = [self.tracker.triplet_scores(name, layer) for name, layer in adapters.items()]
+        masks = [layer.mask for layer in adapters.values()]
+        width = max(row.numel() for row in rows)
+        if any(row.numel() != width for row in rows):  # mixed slot capacities: pad with dead slots
+            rows = [torch.nn.functional.pad(row, (0, width - row.numel())) for row in rows]
+            masks = [torch.cat([mask, mask.new_zeros(width - mask.numel())]) for mask in masks]
+        return torch.stack(rows).float(), torch.stack(masks)
 
     @staticmethod
     def _importance(adapters: Adapters, scores: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

@@ -125,18 +125,21 @@ class SensitivityTracker:
         torch._foreach_add_(unc_avg, ipt, alpha=1 - self.beta2)
 
     def triplet_scores(self, name: str, layer: SlotLoRALayer) -> torch.Tensor:
-        """S_i = s(E_i) + mean_j s(A_ij) + mean_j s(B_ji), one score per slot (all slots, live or not)."""
-        def score(pname: str) -> torch.Tensor | None:
-            key = f"{name}.{pname}"
-            if key not in self.ipt_avg:
-                return None
-            return self.ipt_avg[key] * self.unc_avg[key]
+        """S_i = s(E_i) + mean_j s(A_ij) + mean_j s(B_ji), one score per slot (all slots, live or not).
 
-        s_a, s_e, s_b = score("lora_A"), score("lora_E"), score("lora_B")
-        if s_a is None or s_b is None:
+        The means of ``Ibar * Ubar`` over a row of A / a column of B are dot products (``vecdot``): one pass
+        over the state and no element-score temporary, which is most of an AdaLoRA plan's cost.
+        """
+        key_a, key_e, key_b = (f"{name}.{p}" for p in ("lora_A", "lora_E", "lora_B"))
+        if key_a not in self.ipt_avg or key_b not in self.ipt_avg:
             return torch.zeros(layer.max_rank, dtype=torch.float32, device=layer.lora_A.device)
-        a_b = torch.cat([s_a.mean(dim=1, keepdim=True), s_b.mean(dim=0).view(-1, 1)], dim=1).sum(dim=1)
-        return a_b if s_e is None else s_e.view(-1) + a_b
+        ipt_a, unc_a = self.ipt_avg[key_a], self.unc_avg[key_a]
+        ipt_b, unc_b = self.ipt_avg[key_b], self.unc_avg[key_b]
+        scores = torch.linalg.vecdot(ipt_a, unc_a, dim=1) / ipt_a.shape[1]
+        scores += torch.linalg.vecdot(ipt_b, unc_b, dim=0) / ipt_b.shape[0]
+        if key_e in self.ipt_avg:
+            scores += (self.ipt_avg[key_e] * self.unc_avg[key_e]).view(-1)
+        return scores
 
     def state_dict(self) -> dict:
         return {"beta1": self.beta1, "beta2": self.beta2, "ipt_avg": dict(self.ipt_avg), "unc_avg": dict(self.unc_avg)}
