@@ -56,9 +56,6 @@ class AdaLoRAAllocator(Allocator):
         if step < self.final_step:
             self.tracker.update(adapters)
 
-    def slot_scores(self, adapters: Adapters) -> dict[str, torch.Tensor]:
-        return {name: self.tracker.triplet_scores(name, layer) for name, layer in adapters.items()}
-
     def _score_table(self, adapters: Adapters) -> tuple[torch.Tensor, torch.Tensor]:
         """Triplet scores and masks as (n, max slots) tensors, computed once per plan; padding is dead."""
         rows = [self.tracker.triplet_scores(name, layer) for name, layer in adapters.items()]
