@@ -333,7 +333,7 @@ def step_components(mode: Mode, runs: dict[str, _Run], lora_ms_per_step: float) 
     from torch import nn
 
     from flexlora.adapters import SlotLoRALayer, apply_plan, orthogonality_penalty
-    from flexlora.training.surgery import apply_surgery
+    from flexlora.optim import apply_surgery
 
     batch = next(iter(runs["lora"].datamodule.train_dataloader()))
     shapes: dict[str, tuple[int, ...]] = {}
@@ -407,7 +407,7 @@ def step_components(mode: Mode, runs: dict[str, _Run], lora_ms_per_step: float) 
         elapsed = time.perf_counter() - start
         with torch.no_grad():  # untimed: every call is the same event
             for name, (mask, lam) in snapshots[m].items():
-                adapters[name].mask.copy_(mask)
+                adapters[name].load_state_dict({**adapters[name].state_dict(), "mask": mask}, strict=False)
                 if lam is not None:
                     adapters[name].lora_E.copy_(lam)
         return elapsed
@@ -514,8 +514,7 @@ def bench_allocator_cost(mode: Mode) -> dict[str, Any]:
 
     from flexlora.adapters import apply_plan
     from flexlora.allocators import build_allocator
-    from flexlora.training.optim import SlotAdamW
-    from flexlora.training.surgery import apply_surgery
+    from flexlora.optim import SlotAdamW, apply_surgery
 
     total_steps = 1000
     # frozen bases are never run: uninitialised memory is never touched, so it costs no time or RSS
@@ -565,7 +564,7 @@ def bench_allocator_cost(mode: Mode) -> dict[str, Any]:
         t3 = clock()
         with torch.no_grad():  # untimed: restore so that every call is the same event
             for name, (mask, lam) in snapshot.items():
-                flex_ad[name].mask.copy_(mask)
+                flex_ad[name].load_state_dict({**flex_ad[name].state_dict(), "mask": mask}, strict=False)
                 flex_ad[name].lora_E.copy_(lam)
         return {"total": t3 - t0, "plan": t1 - t0, "apply": t2 - t1, "surgery": t3 - t2}
 

@@ -94,8 +94,9 @@ def test_scores_budgets_and_masks_match_peft(pair):
         apply_plan(ours, plan, None)
         for i, (name, layer) in enumerate(ours.items()):
             keep = torch.tensor(pattern[f"mods.{i}.lora_E.default"])
-            if step == T - T_FINAL:  # final pattern: dead slots
-                assert torch.equal(layer.mask, keep), f"final mask differs for {name}"
+            if step == T - T_FINAL:  # final pattern: the slots peft keeps are exactly ours, now a live prefix
+                assert sorted(plan.prune[name]) == torch.nonzero(~keep).flatten().tolist(), f"final mask: {name}"
+                assert layer.live_rank == int(keep.sum())
             else:  # soft mask: lambda zeroed, slot alive
                 assert torch.equal(layer.lora_E.detach() != 0, keep), f"soft mask differs for {name} at {step}"
                 assert layer.mask.all()

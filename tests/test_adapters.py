@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from flexlora.adapters import GrowSpec, SlotLoRALayer, find_adapters, inject, orthogonality_penalty
+from flexlora.adapters import SlotLoRALayer, find_adapters, inject, orthogonality_penalty
 from flexlora.errors import FlexLoRAError
+from flexlora.plan import GrowSpec
 
 
 def make_layer(form: str, rank: int = 3, max_rank: int = 6, in_f: int = 5, out_f: int = 7, seed: int = 0):
@@ -37,8 +38,11 @@ def test_output_equals_frozen_base_at_init(form):
 def test_forward_equals_explicit_weight_update(form):
     layer = make_layer(form, rank=3, max_rank=6)
     randomise(layer)
-    with torch.no_grad():
-        layer.mask.copy_(torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool))
+    layer.prune(1)
+    layer.grow(GrowSpec(), torch.Generator().manual_seed(0))
+    layer.grow(GrowSpec(), torch.Generator().manual_seed(1))
+    randomise(layer, seed=2)  # every live slot non-trivial; 4 live of 6
+    assert layer.mask.tolist() == [True] * 4 + [False] * 2
     live = layer.mask.nonzero().flatten()
     a, b = layer.lora_A.detach()[live], layer.lora_B.detach()[:, live]
     scale = 4.0 / 3  # alpha / r0, independent of the live rank
@@ -55,20 +59,20 @@ def test_masked_slots_contribute_nothing_and_get_zero_grad(form):
     layer = make_layer(form)
     randomise(layer)
     x = torch.randn(6, 5)
-    with torch.no_grad():
-        layer.mask[1] = False
+    layer.prune(1)  # slot 1 swaps with slot 2 and dies there: live prefix 0, 1
+    assert layer.mask.tolist() == [True, True, False, False, False, False]
     out = layer(x)
     # changing a dead slot's vectors changes nothing, bit for bit
     with torch.no_grad():
-        layer.lora_A[1].normal_()
-        layer.lora_B[:, 1].normal_()
+        layer.lora_A[2:].normal_()
+        layer.lora_B[:, 2:].normal_()
     assert torch.equal(layer(x), out)
     layer(x).square().sum().backward()
-    assert torch.count_nonzero(layer.lora_A.grad[1]) == 0
-    assert torch.count_nonzero(layer.lora_B.grad[:, 1]) == 0
+    assert torch.count_nonzero(layer.lora_A.grad[2:]) == 0
+    assert torch.count_nonzero(layer.lora_B.grad[:, 2:]) == 0
     assert torch.count_nonzero(layer.lora_A.grad[0]) > 0
     if form == "svd":
-        assert layer.lora_E.grad[1] == 0 and layer.lora_E.grad[0] != 0
+        assert torch.count_nonzero(layer.lora_E.grad[2:]) == 0 and layer.lora_E.grad[0] != 0
     for p in layer.base.parameters():
         assert p.grad is not None  # base is not frozen by the layer itself; inject() freezes
 
@@ -76,24 +80,26 @@ def test_masked_slots_contribute_nothing_and_get_zero_grad(form):
 def test_prune_and_grow_change_live_rank():
     layer = make_layer("svd", rank=3, max_rank=5)
     assert layer.live_rank == 3
-    layer.prune(1)
-    assert layer.live_rank == 2 and not layer.mask[1]
+    randomise(layer)
+    before = {i: layer.lora_A.detach()[i].clone() for i in range(3)}
+    assert layer.prune(1) == (1, 2)  # slot 1 swaps places with the last live slot, which dies
+    assert layer.live_rank == 2 and layer.mask.tolist() == [True, True, False, False, False]
+    assert torch.equal(layer.lora_A[1], before[2]) and torch.equal(layer.lora_A[2], before[1])
+    assert layer.lora_E[2] == 0  # a dead slot's lambda is zero, so a revival starts at zero impact
     slot = layer.grow(GrowSpec(), torch.Generator().manual_seed(0))
-    assert slot == 1 and layer.live_rank == 3
+    assert slot == 2 and layer.live_rank == 3
     layer.grow(GrowSpec(), torch.Generator().manual_seed(0))
     layer.grow(GrowSpec(), torch.Generator().manual_seed(0))
     assert layer.live_rank == 5
     with pytest.raises(ValueError, match="no free slot"):
         layer.grow(GrowSpec(), None)
     with pytest.raises(ValueError, match="not live"):
-        layer.prune(1) or layer.prune(1)
+        layer.prune(5)
 
 
 def test_grow_is_zero_impact_and_uses_the_given_generator():
     layer = make_layer("svd", rank=2, max_rank=4)
     randomise(layer)
-    with torch.no_grad():
-        layer.mask.copy_(torch.tensor([1, 1, 0, 0], dtype=torch.bool))
     x = torch.randn(5, 5)
     before = layer(x)
     torch.manual_seed(123)
@@ -108,20 +114,33 @@ def test_grow_is_zero_impact_and_uses_the_given_generator():
 
 def test_grow_init_variants():
     g = torch.Generator().manual_seed(0)
-    layer = make_layer("svd", rank=3, max_rank=5, in_f=8, out_f=9)
+    layer = make_layer("svd", rank=3, max_rank=5, in_f=40, out_f=50)
     randomise(layer)
     with torch.no_grad():
-        layer.mask.copy_(torch.tensor([1, 1, 1, 0, 0], dtype=torch.bool))
+        layer.lora_A.mul_(0.1)  # live rows of norm ~0.6, far from a std-2 draw's ~12.6
+    live_a = layer.lora_A.detach()[:3].clone()
+    live_b = layer.lora_B.detach()[:, :3].clone()
     s = layer.grow(GrowSpec(kind="orthogonal", std=2.0), g)
-    live_a = layer.lora_A.detach()[:3]
-    live_b = layer.lora_B.detach()[:, :3]
-    assert torch.allclose(live_a @ layer.lora_A.detach()[s], torch.zeros(3), atol=1e-4)
-    assert torch.allclose(live_b.t() @ layer.lora_B.detach()[:, s], torch.zeros(3), atol=1e-4)
+    new_a, new_b = layer.lora_A.detach()[s], layer.lora_B.detach()[:, s]
+    assert torch.allclose(live_a @ new_a, torch.zeros(3), atol=1e-4)
+    assert torch.allclose(live_b.t() @ new_b, torch.zeros(3), atol=1e-4)
+    # Gram-Schmidt init: orthogonal to the live slots, with the norm of a typical (median) live one
+    assert new_a.norm().item() == pytest.approx(live_a.norm(dim=1).median().item(), rel=1e-5)
+    assert new_b.norm().item() == pytest.approx(live_b.norm(dim=0).median().item(), rel=1e-5)
+    assert layer.lora_E[s] == 0
     s = layer.grow(GrowSpec(kind="all_zero"), g)
     assert layer.lora_A[s].abs().sum() == 0 and layer.lora_B[:, s].abs().sum() == 0
     layer.prune(s)
-    s = layer.grow(GrowSpec(kind="small_value", value=0.01), g)
-    assert layer.lora_E[s].item() == pytest.approx(0.01)
+    x = torch.randn(7, 40)
+    before = layer(x).detach()
+    s = layer.grow(GrowSpec(kind="small_value", value=0.05, std=1.0), g)
+    # grow_value is the new direction's effective singular value (alpha / r0) |lambda| |p| |q|
+    a, b, lam = layer.lora_A.detach()[s], layer.lora_B.detach()[:, s], layer.lora_E.detach()[s]
+    effective = layer.scale * lam.abs() * a.norm() * b.norm()
+    assert effective.item() == pytest.approx(0.05, rel=1e-5)
+    single = torch.linalg.matrix_norm(layer.scale * lam * torch.outer(b, a), ord=2)
+    assert single.item() == pytest.approx(0.05, rel=1e-4)
+    assert not torch.allclose(layer(x), before)  # not zero impact, by design
 
 
 def test_grow_keeps_parameter_dtype():
@@ -132,8 +151,29 @@ def test_grow_keeps_parameter_dtype():
 
 
 def test_max_rank_below_rank_is_refused():
-    with pytest.raises(ValueError, match="max_rank"):
+    with pytest.raises(AssertionError):  # the allocator config refuses it with a message; the layer asserts
         SlotLoRALayer(nn.Linear(3, 3), form="svd", rank=4, max_rank=2)
+
+
+def test_init_rank_below_and_above_rank_keep_the_r0_scale():
+    low = SlotLoRALayer(nn.Linear(3, 3), form="svd", rank=4, max_rank=8, init_rank=2, alpha=8.0)
+    high = SlotLoRALayer(nn.Linear(3, 3), form="svd", rank=4, max_rank=8, init_rank=6, alpha=8.0)
+    assert (low.live_rank, high.live_rank) == (2, 6) and low.scale == high.scale == 2.0
+
+
+def test_loading_a_non_prefix_mask_brings_the_live_slots_to_the_front():
+    """State written by older versions (masks with holes) loads into prefix form with the same function."""
+    layer = make_layer("svd", rank=3, max_rank=5)
+    randomise(layer)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["mask"] = torch.tensor([True, False, True, False, True])
+    live = [0, 2, 4]
+    x = torch.randn(4, 5)
+    gain = layer.scale * state["lora_E"][live]
+    expected = layer.base(x) + (x @ state["lora_A"][live].t() * gain) @ state["lora_B"][:, live].t()
+    layer.load_state_dict(state)
+    assert layer.live_rank == 3 and layer.mask.tolist() == [True, True, True, False, False]
+    torch.testing.assert_close(layer(x), expected)
 
 
 BERT_TARGETS = ["query", "key", "value", "output.dense", "intermediate.dense"]
@@ -203,29 +243,30 @@ def test_inject_non_linear_match_is_refused(tiny_bert):
 
 
 def test_orthogonality_penalty_forms_and_live_slots_only():
-    # two slot capacities: the penalty stacks grams per capacity, so mixing them must not change the value
+    # mixed capacities and live ranks: the penalty stacks grams per live rank, which must not change the value
     layers = [make_layer("svd", rank=3, max_rank=m, seed=s) for s, m in enumerate((4, 4, 6))]
     for i, layer in enumerate(layers):
         randomise(layer, seed=10 + i)
-        with torch.no_grad():
-            layer.mask.zero_()
-            layer.mask[[0, 1, 3]] = True
-    eye = torch.eye(3)
+    layers[2].grow(GrowSpec(), torch.Generator().manual_seed(0))
+    randomise(layers[2], seed=20)
+    layers[1].prune(0)
     code_terms, paper_terms = [], []
     for layer in layers:
-        live = layer.mask.nonzero().flatten()
-        a, b = layer.lora_A.detach()[live], layer.lora_B.detach()[:, live]
-        for m in (a @ a.t() - eye, b.t() @ b - eye):
+        r = layer.live_rank
+        a, b = layer.lora_A.detach()[:r], layer.lora_B.detach()[:, :r]
+        for m in (a @ a.t() - torch.eye(r), b.t() @ b - torch.eye(r)):
             code_terms.append(torch.linalg.norm(m))
             paper_terms.append(m.square().sum())
     code = orthogonality_penalty(layers, "code")
     paper = orthogonality_penalty(layers, "paper")
     torch.testing.assert_close(code, torch.stack(code_terms).mean())
     torch.testing.assert_close(paper, torch.stack(paper_terms).sum())
-    # the dead slot's vectors do not enter
+    # the dead slots' vectors do not enter
     with torch.no_grad():
-        layers[0].lora_A[2].mul_(100)
+        layers[0].lora_A[3].mul_(100)
+        layers[1].lora_A[2].mul_(100)
     again = orthogonality_penalty(layers, "code")
     torch.testing.assert_close(again, code)
     again.backward()
-    assert torch.count_nonzero(layers[0].lora_A.grad[2]) == 0
+    assert torch.count_nonzero(layers[0].lora_A.grad[3]) == 0
+    assert torch.count_nonzero(layers[1].lora_B.grad[:, 2:]) == 0

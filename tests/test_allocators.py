@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from flexlora.allocators import (
     spectral_entropy,
 )
 from flexlora.errors import FlexLoRAError
+from flexlora.plan import GrowSpec
 
 
 @pytest.mark.parametrize(
@@ -93,45 +95,90 @@ def randomise_lambda(adapters, generator):
                 spread * torch.randn(layer.max_rank, generator=generator)))
 
 
-def test_flexlora_long_random_run_invariants():
+def reference_scores(adapters, rank_one: str) -> dict[str, float]:
+    """The decision scores recomputed independently: spectral_entropy per matrix; rank 1 per rank_one."""
+    out = {}
+    for name, layer in adapters.items():
+        if layer.live_rank == 1:
+            out[name] = math.inf if rank_one == "reference" else 0.0
+        else:
+            out[name] = spectral_entropy(layer.live_lambda())
+    return out
+
+
+@pytest.mark.parametrize("rank_one", ["reference", "zero"])
+def test_flexlora_long_run_invariants_with_zero_lambda_slots_and_ties(rank_one):
+    """Hundreds of events where lambda evolves slowly, a grown slot keeps lambda = 0 until the next event
+    (the entropy dip of a new slot), some matrices share identical spectra (ties) and ranks reach 1."""
     adapters = fake_adapters()
-    allocator = flex(adapters)
+    allocator = flex(adapters, rank_one=rank_one)
     n, r0 = len(adapters), 4
     generator = torch.Generator().manual_seed(0)
     grow_rng = torch.Generator().manual_seed(1)
-    events = []
+    randomise_lambda(adapters, generator)
+    names = list(adapters)
+    with torch.no_grad():  # two pairs of matrices with identical spectra: ties broken by module order
+        adapters[names[3]].lora_E.copy_(adapters[names[2]].lora_E)
+        adapters[names[7]].lora_E.copy_(adapters[names[6]].lora_E)
+    events, saw_rank_one, saw_zero_slot = [], False, False
+    fresh: dict[str, int] = {}
     for step in range(1, 1001):
-        randomise_lambda(adapters, generator)
-        lambdas = {k: (layer.live_slots().clone(), layer.lora_E.detach().clone()) for k, layer in adapters.items()}
-        ranks_before = {k: layer.live_rank for k, layer in adapters.items()}
+        with torch.no_grad():
+            for name, layer in adapters.items():
+                drift = torch.randn(layer.max_rank, generator=generator) * 0.05
+                drift[fresh.get(name, layer.max_rank):] = 0  # a grown slot keeps lambda = 0 until the next event
+                layer.lora_E.add_(drift * layer.mask)
+            if step < 300:  # keep the tie until late
+                adapters[names[3]].lora_E.copy_(adapters[names[2]].lora_E)
         plan = allocator.plan(adapters, step)
         if plan is None:
             continue
         events.append(step)
-        shrink, grow = set(plan.prune), set(plan.grow)
-        assert not shrink & grow, "D and U must be disjoint"
-        assert len(shrink) == len(grow) == allocator.budget(step) == 3
-        importance = allocator.importance(adapters)
-        assert plan.importance == importance
-        for name in shrink:
-            live, lam = lambdas[name]
-            (slot,) = plan.prune[name]
-            assert slot == int(live[torch.argmin(lam[live].abs())]), "must prune the smallest |lambda|"
-            assert ranks_before[name] > 1
-        # D = lowest importance among r > 1; U = highest among the rest with a free slot
-        eligible = sorted((k for k in adapters if ranks_before[k] > 1), key=lambda k: importance[k])
-        assert max(importance[k] for k in shrink) <= min(
-            [importance[k] for k in eligible if k not in shrink] or [math.inf])
-        rest = [k for k in adapters if k not in shrink and ranks_before[k] < 8]
-        assert min(importance[k] for k in grow) >= max(
-            [importance[k] for k in rest if k not in grow] or [-math.inf])
-        apply_plan(adapters, plan, grow_rng)
+        ranks_before = {k: layer.live_rank for k, layer in adapters.items()}
+        saw_rank_one |= 1 in ranks_before.values()
+        saw_zero_slot |= any(layer.live_lambda().eq(0).any().item() for layer in adapters.values())
+        scores = reference_scores(adapters, rank_one)
+        order = {k: i for i, k in enumerate(adapters)}
+        shrink_expected = sorted((k for k in adapters if ranks_before[k] > 1), key=lambda k: (scores[k], order[k]))[:3]
+        grow_pool = [k for k in adapters if k not in shrink_expected and ranks_before[k] < 8]
+        grow_expected = sorted(grow_pool, key=lambda k: (-scores[k], order[k]))[:3]
+        assert sorted(plan.prune) == sorted(shrink_expected)
+        assert sorted(plan.grow) == sorted(grow_expected)
+        for name in plan.prune:
+            lam = adapters[name].live_lambda()
+            assert plan.prune[name] == [int(torch.argmin(lam.abs()))], "must prune the smallest |lambda|"
+        if rank_one == "reference":
+            assert not any(ranks_before[k] == 1 for k in plan.prune)
+            ones = [k for k in adapters if ranks_before[k] == 1 and k not in plan.prune]
+            assert all(k in plan.grow for k in ones[:3]), "rank-1 matrices are first in line to grow"
+        changes = apply_plan(adapters, plan, grow_rng)
+        allocator.on_applied(changes)
+        fresh = {k: adapters[k].live_rank - 1 for k in plan.grow}
         ranks = [layer.live_rank for layer in adapters.values()]
         assert sum(ranks) == n * r0
         assert all(1 <= r <= 8 for r in ranks)
+        assert all(layer.mask.tolist() == [i < layer.live_rank for i in range(8)] for layer in adapters.values())
     assert events == list(range(12, 990, 2)), "events at t_init < t < T - t_final, (t - t_init) % delta_t == 0"
-    assert len(events) > 400
+    assert saw_zero_slot
+    if rank_one == "zero":
+        assert saw_rank_one, "under rank_one=zero some matrix should reach rank 1"
     assert len({layer.live_rank for layer in adapters.values()}) > 1
+
+
+def test_rank_one_rule_on_one_event():
+    adapters = fake_adapters(n=6)
+    with torch.no_grad():
+        for i, layer in enumerate(adapters.values()):
+            layer.lora_E.zero_()
+            layer.lora_E[:4] = torch.tensor([1.0, 0.9, 0.8, 0.7 - 0.1 * i])
+    first = next(iter(adapters.values()))
+    while first.live_rank > 1:
+        first.prune(first.live_rank - 1)
+    ref = flex(adapters, rank_one="reference", budget_per_event=1).plan(adapters, 12)
+    zero = flex(adapters, rank_one="zero", budget_per_event=1).plan(adapters, 12)
+    name = next(iter(adapters))
+    assert ref.grow == {name: 1} and ref.importance[name] is None  # undefined score, logged as None
+    assert name not in zero.grow and zero.importance[name] == 0.0 and name not in zero.prune
 
 
 @pytest.mark.parametrize(
@@ -154,18 +201,75 @@ def test_budget_at_both_ends_of_the_window(schedule, first, last):
     assert event_budget("cubic", 4, 0.5) == round(4 * 0.125)
 
 
-def test_direction_prune_only_and_grow_only():
+@pytest.mark.parametrize("direction, init_rank", [("prune_only", 6), ("grow_only", 2), ("prune_only", None),
+                                                  ("grow_only", None)])
+def test_direction_ablations_are_budget_matched(direction, init_rank):
+    """prune_only / grow_only start away from r0 and move b per event only until the total is n x r0."""
     generator = torch.Generator().manual_seed(3)
-    for direction, sign in (("prune_only", -1), ("grow_only", 1)):
-        adapters = fake_adapters()
-        allocator = flex(adapters, direction=direction)
+    allocator_cfg = allocator_config({"name": "flexlora", "rank": 4, "max_rank": 8, "direction": direction,
+                                      "init_rank": init_rank, "t_init": 10, "t_final": 10, "delta_t": 2,
+                                      "budget_per_event": 3})
+    start = allocator_cfg.init_rank
+    assert start == (init_rank or {"prune_only": 6, "grow_only": 2}[direction])
+    torch.manual_seed(0)
+    adapters = {f"layer.{i // 6}.m{i % 6}": SlotLoRALayer(nn.Linear(6, 5), **allocator_cfg.adapter_kwargs())
+                for i in range(12)}
+    allocator = build_allocator(allocator_cfg)
+    allocator.bind(adapters, 1000)
+    totals = [sum(layer.live_rank for layer in adapters.values())]
+    assert totals[0] == 12 * start
+    for step in range(1, 1001):
         randomise_lambda(adapters, generator)
-        plan = allocator.plan(adapters, 12)
-        assert plan is not None
-        apply_plan(adapters, plan, generator)
-        total = sum(layer.live_rank for layer in adapters.values())
-        assert total == 48 + sign * 3
+        plan = allocator.plan(adapters, step)
+        if plan is None:
+            continue
         assert (not plan.grow) if direction == "prune_only" else (not plan.prune)
+        apply_plan(adapters, plan, generator)
+        totals.append(sum(layer.live_rank for layer in adapters.values()))
+    sign = -1 if direction == "prune_only" else 1
+    assert all(sign * (b - a) == min(3, abs(12 * 4 - a)) for a, b in itertools.pairwise(totals))
+    assert totals[-1] == 12 * 4, "every direction ends at n x r0"
+    assert len(totals) - 1 == math.ceil(12 * abs(start - 4) / 3)
+
+
+def test_direction_ablation_that_cannot_reach_the_budget_is_refused():
+    adapters = fake_adapters(n=12, rank=6, max_rank=8)
+    with pytest.raises(FlexLoRAError, match="must remove 24 slots"):
+        flex(adapters, total=40, t_init=10, t_final=10, delta_t=5, budget_per_event=3, direction="prune_only",
+             init_rank=6)
+    with pytest.raises(FlexLoRAError, match="init_rank > rank"):
+        allocator_config({"name": "flexlora", "rank": 4, "direction": "prune_only", "init_rank": 4})
+
+
+def test_random_importance_is_seeded_and_keeps_the_constraints():
+    adapters = fake_adapters()
+    randomise_lambda(adapters, torch.Generator().manual_seed(0))
+    plans = []
+    for seed in (5, 5, 6):
+        allocator = build_allocator({"name": "flexlora", "rank": 4, "max_rank": 8, "t_init": 10, "t_final": 10,
+                                     "delta_t": 2, "budget_per_event": 3, "importance": "random"}, seed=seed)
+        allocator.bind(adapters, 1000)
+        peek = allocator.importance(adapters)
+        plan = allocator.plan(adapters, 12)
+        assert plan.importance == peek, "importance() previews the next draw without consuming it"
+        assert allocator.plan(adapters, 14).importance != plan.importance, "each event draws anew"
+        plans.append(plan)
+        assert len(plan.prune) == len(plan.grow) == 3 and not set(plan.prune) & set(plan.grow)
+    assert plans[0] == plans[1] and plans[0].importance != plans[2].importance
+
+
+def test_skipped_full_counts_capacity_bound_grow_candidates():
+    adapters = fake_adapters(n=6, rank=4, max_rank=5)
+    with torch.no_grad():
+        for i, layer in enumerate(adapters.values()):
+            layer.lora_E[:4] = torch.tensor([1.0, 1.0, 1.0, 1.0]) if i < 2 else torch.tensor([4.0, 1, 0.5, 0.1 * i])
+    full = list(adapters)[:2]
+    for name in full:  # the two flattest (highest-entropy) matrices are at capacity
+        adapters[name].grow(GrowSpec(), None)
+        with torch.no_grad():
+            adapters[name].lora_E[4] = 1.0
+    plan = flex(adapters, budget_per_event=2).plan(adapters, 12)
+    assert plan.skipped_full == 2 and not set(plan.grow) & set(full)
 
 
 def test_importance_kinds_change_the_decision():
@@ -184,22 +288,65 @@ def test_importance_kinds_change_the_decision():
     assert set(frob.prune) == set(nuclear.prune)
 
 
-def test_sensitivity_importance_uses_gradients():
-    adapters = fake_adapters()
-    allocator = flex(adapters, importance="sensitivity")
+def test_sensitivity_importance_equals_a_hand_computed_ema_and_grows_the_best():
+    adapters = fake_adapters(n=6)
+    allocator = flex(adapters, importance="sensitivity", budget_per_event=1, beta1=0.8, beta2=0.7)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in adapters.values():
+            layer.lora_E.normal_()
+    ipt = {n: {p: 0.0 for p in ("A", "E", "B")} for n in adapters}
+    unc = {n: {p: 0.0 for p in ("A", "E", "B")} for n in adapters}
+    for step in range(1, 4):
+        for i, layer in enumerate(adapters.values()):
+            layer.zero_grad()
+            (layer(x).sum() * (i + 1) ** 2).backward()
+        allocator.observe(adapters, step)
+        for name, layer in adapters.items():
+            for key, param in (("A", layer.lora_A), ("E", layer.lora_E), ("B", layer.lora_B)):
+                current = (param.detach() * param.grad).abs()
+                ipt[name][key] = 0.8 * ipt[name][key] + 0.2 * current
+                unc[name][key] = 0.7 * unc[name][key] + 0.3 * (current - ipt[name][key]).abs()
+    for name, layer in adapters.items():
+        s = {k: ipt[name][k] * unc[name][k] for k in ("A", "E", "B")}
+        triplet = s["E"] + s["A"].mean(dim=1) + s["B"].mean(dim=0)
+        expected = triplet[: layer.live_rank].double().mean().item()
+        assert allocator.importance(adapters)[name] == pytest.approx(expected, rel=1e-5)
+    scores = allocator.importance(adapters)
+    plan = allocator.plan(adapters, 12)
+    best = max(scores, key=scores.get)
+    worst = min(scores, key=scores.get)
+    assert plan.grow == {best: 1} and list(plan.prune) == [worst]
+
+
+def test_sensitivity_regrown_slot_starts_with_fresh_ema_rows():
+    adapters = fake_adapters(n=2)
+    allocator = flex(adapters, importance="sensitivity", budget_per_event=1)
     x = torch.randn(4, 6)
     with torch.no_grad():
         for layer in adapters.values():
             layer.lora_E.normal_()
-    for step in range(1, 5):
-        for i, layer in enumerate(adapters.values()):
+    for step in range(1, 4):
+        for layer in adapters.values():
             layer.zero_grad()
-            (layer(x).sum() * (i + 1)).backward()
+            layer(x).square().sum().backward()
         allocator.observe(adapters, step)
-    scores = allocator.importance(adapters)
-    assert len(set(scores.values())) == len(adapters) and all(v > 0 for v in scores.values())
     plan = allocator.plan(adapters, 12)
-    assert plan is not None and set(plan.prune) and set(plan.grow)
+    (shrunk,) = plan.prune
+    before = allocator.tracker.ipt_avg[f"{shrunk}.lora_A"].clone()
+    changes = apply_plan(adapters, plan, torch.Generator().manual_seed(0))
+    allocator.on_applied(changes)
+    (grown,) = plan.grow
+    new_slot = changes[grown].reset[0]
+    for key in ("lora_A", "lora_E", "lora_B"):
+        dim = 1 if key == "lora_B" else 0
+        assert torch.count_nonzero(allocator.tracker.ipt_avg[f"{grown}.{key}"].select(dim, new_slot)) == 0
+        assert torch.count_nonzero(allocator.tracker.unc_avg[f"{grown}.{key}"].select(dim, new_slot)) == 0
+    (i, last), = changes[shrunk].swaps or [(plan.prune[shrunk][0], plan.prune[shrunk][0])]
+    after = allocator.tracker.ipt_avg[f"{shrunk}.lora_A"]
+    if i != last:
+        assert torch.equal(after[i], before[last]), "EMA rows travel with their slot"
+    assert torch.count_nonzero(after[last]) == 0
 
 
 def test_grow_init_reaches_new_slots():
@@ -207,10 +354,12 @@ def test_grow_init_reaches_new_slots():
     allocator = flex(adapters, grow_init="small_value", grow_value=0.05)
     randomise_lambda(adapters, torch.Generator().manual_seed(0))
     plan = allocator.plan(adapters, 12)
-    touched = apply_plan(adapters, plan, torch.Generator().manual_seed(0))
+    changes = apply_plan(adapters, plan, torch.Generator().manual_seed(0))
     for name in plan.grow:
-        (grown,) = [s for s in touched[name]]
-        assert adapters[name].lora_E[grown].item() == pytest.approx(0.05)
+        layer = adapters[name]
+        (grown,) = changes[name].reset
+        effective = layer.scale * layer.lora_E[grown].abs() * layer.lora_A[grown].norm() * layer.lora_B[:, grown].norm()
+        assert effective.item() == pytest.approx(0.05, rel=1e-5)
 
 
 def test_schedule_and_budget_validation():

@@ -8,8 +8,8 @@ import lightning as L
 import pytest
 import torch
 
-from flexlora.adapters import GrowSpec, apply_plan
-from flexlora.allocators import RankPlan
+from flexlora.adapters import apply_plan
+from flexlora.plan import GrowSpec, RankPlan
 from flexlora.train import build, train
 from tests.helpers import tiny_run_config
 

@@ -61,6 +61,7 @@ def inject(
     form: AdapterForm,
     rank: int,
     max_rank: int | None = None,
+    init_rank: int | None = None,
     alpha: float = 1.0,
     dropout: float = 0.0,
     init_std: float = 0.02,
@@ -73,8 +74,6 @@ def inject(
     or dotted suffix, e.g. the classifier) stay trainable. Matching nothing is an error that lists
     module names the user may have meant.
     """
-    if max_rank is not None and max_rank < rank:
-        raise FlexLoRAError(f"max_rank ({max_rank}) < rank ({rank}): set allocator.max_rank >= allocator.rank")
     head_names = [n for n, _ in model.named_modules() if n and matches(n, list(head_modules))]
     if head_modules and not head_names:
         raise FlexLoRAError(
@@ -110,7 +109,7 @@ def inject(
     for name in selected:
         base = model.get_submodule(name)
         layer = SlotLoRALayer(
-            base, form=form, rank=rank, max_rank=max_rank, alpha=alpha, dropout=dropout,
+            base, form=form, rank=rank, max_rank=max_rank, init_rank=init_rank, alpha=alpha, dropout=dropout,
             init_std=init_std, generator=generator,
         )
         _set_submodule(model, name, layer)

@@ -1,10 +1,11 @@
 """The slot adapter layer: a frozen linear map plus a low-rank update with fixed slot capacity.
 
 Every adapted matrix holds ``max_rank`` slots. A slot ``i`` is the triplet (row ``i`` of ``lora_A``,
-entry ``i`` of ``lora_E``, column ``i`` of ``lora_B``); it is live when ``mask[i]`` is true. Shapes never
-change during training: pruning and growing only flip mask bits (DESIGN.md 3.1), which keeps the
-optimizer, DDP buckets and checkpoints valid. The forward multiplies by the mask, so a dead slot adds
-exactly zero to the output and receives exactly zero gradient.
+entry ``i`` of ``lora_E``, column ``i`` of ``lora_B``). Shapes never change during training (DESIGN.md
+3.1), which keeps the optimizer, DDP buckets and checkpoints valid. The live slots are always the
+contiguous prefix ``0 .. r-1``: pruning a slot swaps it with the last live one first, growing activates
+slot ``r``. The forward runs on views of that prefix, so slot capacity costs memory, not compute, and a
+dead slot adds exactly zero to the output and receives exactly zero gradient.
 
 Two forms share the layer:
 
@@ -20,52 +21,55 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from flexlora.plan import GrowSpec
 
 AdapterForm = Literal["lora", "svd"]
-GrowInit = Literal["zero_impact", "orthogonal", "small_value", "all_zero"]
 
-# Parameters carry the dimension that indexes their slots; the slot-aware optimizer and the
-# optimizer-state surgery read it from here instead of guessing from names.
-SLOT_DIM_ATTR = "_flexlora_slot_dim"
+# Parameters carry the dimension that indexes their slots and the layer's live-slot count; the slot-aware
+# optimizer and the optimizer-state surgery read them from here instead of guessing from names.
+SLOT_AXIS_ATTR = "_flexlora_slot_axis"
+
+
+@dataclass
+class LiveSlots:
+    """The live rank of one layer, shared (by reference) between the layer and its slot parameters."""
+
+    count: int
 
 
 @dataclass(frozen=True)
-class GrowSpec:
-    """How a newly grown slot is initialised (DESIGN.md 4.3, zero-impact initialisation and ablations)."""
+class SlotAxis:
+    dim: int
+    live: LiveSlots
 
-    kind: GrowInit = "zero_impact"
-    std: float = 1.0
-    value: float = 1e-3  # lambda of a new slot for kind="small_value"
 
-    def __post_init__(self) -> None:
-        if self.kind not in ("zero_impact", "orthogonal", "small_value", "all_zero"):
-            raise ValueError(
-                f"grow_init must be one of zero_impact, orthogonal, small_value, all_zero; got {self.kind!r}"
-            )
-        if self.std <= 0:
-            raise ValueError(f"grow_std must be > 0, got {self.std}")
+def slot_axis(param: torch.Tensor) -> SlotAxis | None:
+    """How ``param`` is indexed by slots (None for tensors that are not part of a slot adapter)."""
+    return getattr(param, SLOT_AXIS_ATTR, None)
 
 
 def base_in_out(base: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an ``nn.Linear`` or transformers' ``Conv1D`` (weight stored (in, out))."""
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
-    if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):
+    if isinstance(base, Conv1D):
         in_features, out_features = base.weight.shape
         return int(in_features), int(out_features)
     raise TypeError(f"cannot adapt {type(base).__name__}: only nn.Linear and transformers Conv1D are supported")
 
 
 def is_conv1d(base: nn.Module) -> bool:
-    return type(base).__name__ == "Conv1D" and hasattr(base, "nf")
+    return isinstance(base, Conv1D)
 
 
 class SlotLoRALayer(nn.Module):
-    """Wraps a frozen linear layer with a masked low-rank update of fixed slot capacity."""
+    """Wraps a frozen linear layer with a low-rank update of fixed slot capacity and a live prefix."""
 
     def __init__(
         self,
@@ -74,21 +78,19 @@ class SlotLoRALayer(nn.Module):
         form: AdapterForm,
         rank: int,
         max_rank: int | None = None,
+        init_rank: int | None = None,
         alpha: float = 1.0,
         dropout: float = 0.0,
         init_std: float = 0.02,
         generator: torch.Generator | None = None,
     ) -> None:
+        """``rank`` is r0 (it sets the constant scale alpha / r0); ``init_rank`` the live slots at the start
+        (default r0; budget-matched direction ablations start above or below it); ``max_rank`` the capacity."""
         super().__init__()
-        max_rank = rank if max_rank is None else max_rank
-        if form not in ("lora", "svd"):
-            raise ValueError(f"adapter form must be 'lora' or 'svd', got {form!r}")
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        if max_rank < rank:
-            raise ValueError(
-                f"max_rank ({max_rank}) must be >= rank ({rank}); set allocator.max_rank >= allocator.rank"
-            )
+        init_rank = rank if init_rank is None else init_rank
+        max_rank = max(rank, init_rank) if max_rank is None else max_rank
+        assert form in ("lora", "svd"), form
+        assert rank >= 1 and 0 <= init_rank <= max_rank and rank <= max_rank, (rank, init_rank, max_rank)
         self.base = base
         self.form: AdapterForm = form
         self.rank = rank
@@ -102,12 +104,11 @@ class SlotLoRALayer(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, max_rank, **factory))
         self.lora_E = nn.Parameter(torch.zeros(max_rank, **factory)) if form == "svd" else None
-        setattr(self.lora_A, SLOT_DIM_ATTR, 0)
-        setattr(self.lora_B, SLOT_DIM_ATTR, 1)
-        if self.lora_E is not None:
-            setattr(self.lora_E, SLOT_DIM_ATTR, 0)
+        self.live = LiveSlots(init_rank)
+        for param, dim in self.slot_params():
+            setattr(param, SLOT_AXIS_ATTR, SlotAxis(dim, self.live))
         mask = torch.zeros(max_rank, dtype=torch.bool, device=weight.device)
-        mask[:rank] = True
+        mask[:init_rank] = True
         self.register_buffer("mask", mask, persistent=True)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_adapter(init_std=init_std, generator=generator)
@@ -129,7 +130,7 @@ class SlotLoRALayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def slot_gain(self) -> torch.Tensor:
-        """Per-slot multiplier (lambda * mask * scale, or mask * scale for LoRA): zero for dead slots."""
+        """Per-slot multiplier over the whole capacity (lambda * scale, or scale for LoRA); zero for dead slots."""
         gain = self.mask.to(self.lora_A.dtype) * self.scale
         if self.lora_E is not None:
             gain = gain * self.lora_E
@@ -137,30 +138,33 @@ class SlotLoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        hidden = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
-        update = (hidden * self.slot_gain()) @ self.lora_B.t()
+        r = self.live.count  # a Python int: no device sync; r = 0 still keeps A and B in the graph (DDP)
+        hidden = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A[:r].t()
+        hidden = hidden * (self.lora_E[:r] * self.scale) if self.lora_E is not None else hidden * self.scale
+        update = hidden @ self.lora_B[:, :r].t()
         return result + update.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """dW in nn.Linear layout (out, in): what the adapter adds to the frozen weight."""
-        return (self.lora_B * self.slot_gain()) @ self.lora_A
+        r = self.live.count
+        return (self.lora_B[:, :r] * self.slot_gain()[:r]) @ self.lora_A[:r]
 
     # ------------------------------------------------------------------ slots
     @property
     def live_rank(self) -> int:
-        return int(self.mask.sum().item())
+        return self.live.count
 
     def live_slots(self) -> torch.Tensor:
-        return torch.nonzero(self.mask, as_tuple=False).flatten()
+        return torch.arange(self.live.count)
 
     def free_slots(self) -> torch.Tensor:
-        return torch.nonzero(~self.mask, as_tuple=False).flatten()
+        return torch.arange(self.live.count, self.max_rank)
 
     def live_lambda(self) -> torch.Tensor:
         """lambda of the live slots, in slot order (LoRA form has none: its slots have unit gain)."""
         if self.lora_E is None:
-            return torch.ones(self.live_rank, dtype=self.lora_A.dtype, device=self.lora_A.device)
-        return self.lora_E.detach()[self.mask]
+            return torch.ones(self.live.count, dtype=self.lora_A.dtype, device=self.lora_A.device)
+        return self.lora_E.detach()[: self.live.count]
 
     def slot_params(self) -> list[tuple[nn.Parameter, int]]:
         """(parameter, slot dimension) for every tensor that holds part of a slot."""
@@ -170,57 +174,95 @@ class SlotLoRALayer(nn.Module):
         return params
 
     @torch.no_grad()
-    def prune(self, slot: int) -> None:
-        """Deactivate a live slot; its lambda is zeroed so a later revival starts from zero impact.
+    def swap(self, i: int, j: int) -> None:
+        """Exchange slots i and j (vectors and lambda); callers move per-slot state the same way."""
+        if i == j:
+            return
+        for param, dim in self.slot_params():
+            index = torch.tensor([i, j], device=param.device)
+            param.index_copy_(dim, index, param.index_select(dim, index.flip(0)))
 
-        A matrix may end with no live slot (AdaLoRA can give a matrix rank 0); FlexLoRA's allocator
-        never asks for that.
+    @torch.no_grad()
+    def prune(self, slot: int) -> tuple[int, int]:
+        """Deactivate a live slot: swap it with the last live one, then shrink the prefix.
+
+        Returns ``(slot, last)``: the swap made (a no-op when equal) and ``last`` is the dead slot's index
+        now. Its lambda is zeroed so a later revival starts from zero impact. A matrix may end with no live
+        slot (AdaLoRA can give a matrix rank 0); FlexLoRA's allocator never asks for that.
         """
-        if not bool(self.mask[slot]):
-            raise ValueError(f"slot {slot} is not live")
-        self.mask[slot] = False
+        last = self.live.count - 1
+        if not 0 <= slot <= last:
+            raise ValueError(f"slot {slot} is not live (live slots are 0..{last})")
+        self.swap(slot, last)
+        self.mask[last] = False
         if self.lora_E is not None:
-            self.lora_E[slot] = 0.0
+            self.lora_E[last] = 0.0
+        self.live.count = last
+        return slot, last
 
     @torch.no_grad()
     def zero_lambda(self, slots: list[int]) -> None:
         """AdaLoRA's soft mask: lambda = 0, the slot stays live and keeps training."""
-        if self.lora_E is None:
-            raise ValueError("zero_lambda needs the svd form")
+        assert self.lora_E is not None, "zero_lambda needs the svd form"
         if slots:
             self.lora_E[torch.as_tensor(slots, dtype=torch.long, device=self.lora_E.device)] = 0.0
 
     @torch.no_grad()
     def grow(self, spec: GrowSpec, generator: torch.Generator | None) -> int:
-        """Activate the lowest free slot, initialised by ``spec``; returns its index.
+        """Activate the first free slot, initialised by ``spec``; returns its index.
 
-        Vectors are drawn from ``generator`` (the run's own, never the global RNG), on the CPU in
-        float32 for reproducibility across devices, then cast to the parameter's dtype and device.
+        Vectors are drawn from ``generator`` (the run's own, never the global RNG), on the CPU in float32
+        for reproducibility across devices, then cast to the parameter's dtype and device.
+
+        * ``zero_impact``: P column and Q row ~ N(0, std^2), lambda = 0 (the output is unchanged).
+        * ``orthogonal``: the same draws, Gram-Schmidt-projected off the live Q rows / P columns and then
+          rescaled to the *median norm of the live rows / columns* (a typical live slot), lambda = 0.
+          With no live slot the random norm is kept.
+        * ``small_value``: the same draws; lambda is set so that the new direction's effective singular
+          value ``(alpha / r0) |lambda| |p| |q|`` equals ``spec.value``.
+        * ``all_zero``: vectors and lambda zero (a stationary point: it never trains).
         """
-        free = self.free_slots()
-        if free.numel() == 0:
+        r = self.live.count
+        if r >= self.max_rank:
             raise ValueError("no free slot to grow into (live rank == max_rank)")
-        slot = int(free[0])
         a_row = torch.randn(self.in_features, generator=generator) * spec.std
         b_col = torch.randn(self.out_features, generator=generator) * spec.std
         value = 0.0
-        if spec.kind == "orthogonal":
-            a_row = _orthogonalise(a_row, self.lora_A.detach()[self.mask].float().cpu())
-            b_col = _orthogonalise(b_col, self.lora_B.detach()[:, self.mask].t().float().cpu())
+        if spec.kind == "orthogonal" and r > 0:
+            live_a = self.lora_A.detach()[:r].float().cpu()
+            live_b = self.lora_B.detach()[:, :r].t().float().cpu()
+            a_row = _orthogonalise(a_row, live_a, float(live_a.norm(dim=1).median()))
+            b_col = _orthogonalise(b_col, live_b, float(live_b.norm(dim=1).median()))
         elif spec.kind == "all_zero":
             a_row.zero_()
             b_col.zero_()
         elif spec.kind == "small_value":
-            value = spec.value
+            value = spec.value / (self.scale * float(a_row.norm()) * float(b_col.norm()))
         if self.lora_E is None and spec.kind != "all_zero":
             # LoRA form has no lambda: a new slot is zero-impact only with B's column zero.
             b_col.zero_()
-        self.lora_A[slot] = a_row.to(self.lora_A)
-        self.lora_B[:, slot] = b_col.to(self.lora_B)
+        self.lora_A[r] = a_row.to(self.lora_A)
+        self.lora_B[:, r] = b_col.to(self.lora_B)
         if self.lora_E is not None:
-            self.lora_E[slot] = value
-        self.mask[slot] = True
-        return slot
+            self.lora_E[r] = value
+        self.mask[r] = True
+        self.live.count = r + 1
+        return r
+
+    # ------------------------------------------------------------------ state
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """After loading, re-derive the live count from the mask (and bring a non-prefix mask, as written by
+        older versions, into prefix form by moving the live slots to the front in order)."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        live = torch.nonzero(self.mask, as_tuple=False).flatten().tolist()
+        if live != list(range(len(live))):
+            with torch.no_grad():
+                order = live + [i for i in range(self.max_rank) if i not in live]
+                for param, dim in self.slot_params():
+                    index = torch.tensor(order, device=param.device)
+                    param.copy_(param.index_select(dim, index))
+                self.mask.copy_(torch.arange(self.max_rank, device=self.mask.device) < len(live))
+        self.live.count = len(live)
 
     def extra_repr(self) -> str:
         return (
@@ -229,14 +271,17 @@ class SlotLoRALayer(nn.Module):
         )
 
 
-def _orthogonalise(vector: torch.Tensor, basis_rows: torch.Tensor) -> torch.Tensor:
-    """Project ``vector`` off the span of ``basis_rows`` and restore its norm (Gram-Schmidt via QR)."""
-    if basis_rows.numel() == 0:
+def _orthogonalise(vector: torch.Tensor, basis_rows: torch.Tensor, norm: float) -> torch.Tensor:
+    """Project ``vector`` off the span of ``basis_rows`` (Gram-Schmidt via QR), then scale it to ``norm``.
+
+    Degenerate cases keep what can be kept: all-zero live vectors (no typical norm) leave the random draw as
+    it is; live rows that span the whole space (nothing orthogonal is left) give the draw rescaled to ``norm``.
+    """
+    if norm <= 0:
         return vector
-    norm = vector.norm()
     q, _ = torch.linalg.qr(basis_rows.t(), mode="reduced")
     residual = vector - q @ (q.t() @ vector)
-    residual_norm = residual.norm()
+    residual_norm = float(residual.norm())
     if residual_norm < 1e-12:
-        return vector
+        return vector * (norm / max(float(vector.norm()), 1e-12))
     return residual * (norm / residual_norm)

@@ -13,31 +13,39 @@ OrthForm = Literal["code", "paper"]
 
 
 def orthogonality_penalty(adapters: Iterable[SlotLoRALayer], form: OrthForm = "code") -> torch.Tensor:
-    """AdaLoRA's regulariser on Q = lora_A (Q Q^T) and P = lora_B (P^T P), over live rows/columns only.
+    """AdaLoRA's regulariser on Q = lora_A (Q Q^T) and P = lora_B (P^T P), over the live prefix only.
 
     ``code``: mean over all A and B tensors of ||M - I||_F (the released AdaLoRA code and peft).
     ``paper``: sum over matrices of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 (the paper's equation).
-    Dead slots contribute exactly zero. The r x r grams of all matrices with the same slot capacity are
-    stacked so the identity, mask and norm run once per group instead of once per matrix (this halves the
-    penalty's forward + backward time on 72 matrices).
+    Dead slots never enter (the grams are r x r over the live prefix); a matrix with no live slot counts
+    as 0 in the code form's mean, as its fully masked gram did. The grams of all matrices with the same
+    live rank are stacked, so the identity and the norm run once per group instead of once per matrix.
     """
-    if form not in ("code", "paper"):
-        raise ValueError(f"orth_form must be 'code' or 'paper', got {form!r}")
+    assert form in ("code", "paper"), form
+    layers = list(adapters)
+    assert layers, "no adapters to regularise"
     groups: dict[int, list[SlotLoRALayer]] = {}
-    for layer in adapters:
-        groups.setdefault(layer.max_rank, []).append(layer)
-    if not groups:
-        raise ValueError("no adapters to regularise")
+    for layer in layers:
+        groups.setdefault(layer.live_rank, []).append(layer)
     terms: list[torch.Tensor] = []
-    for rank, layers in groups.items():
-        grams = [g for layer in layers for g in (layer.lora_A @ layer.lora_A.t(), layer.lora_B.t() @ layer.lora_B)]
-        stacked = torch.stack(grams)  # (2 n, r, r): A then B of each matrix
-        live = torch.stack([layer.mask for layer in layers]).to(stacked.dtype).repeat_interleave(2, dim=0)
-        eye = torch.eye(rank, dtype=stacked.dtype, device=stacked.device)
-        residual = (stacked - eye) * (live[:, :, None] * live[:, None, :])
+    empty = 0
+    for rank, members in groups.items():
+        if rank == 0:
+            empty += 2 * len(members)
+            continue
+        grams = []
+        for layer in members:
+            a, b = layer.lora_A[:rank], layer.lora_B[:, :rank]
+            grams += [a @ a.t(), b.t() @ b]
+        residual = torch.stack(grams) - torch.eye(rank, dtype=grams[0].dtype, device=grams[0].device)
         if form == "code":
             terms.append(torch.linalg.matrix_norm(residual, ord="fro"))
         else:
             terms.append(residual.pow(2).sum(dim=(1, 2)))
+    reference = layers[0].lora_A
+    if not terms:
+        return reference.sum() * 0.0
     values = torch.cat(terms)
-    return values.mean() if form == "code" else values.sum()
+    if form == "paper":
+        return values.sum()
+    return values.sum() / (values.numel() + empty)

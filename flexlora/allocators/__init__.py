@@ -9,29 +9,36 @@ from typing import Any
 from flexlora.allocators.adalora import AdaLoRAAllocator
 from flexlora.allocators.base import Allocator, StaticAllocator
 from flexlora.allocators.config import (
+    METHODS,
     AdaLoRAConfig,
     AllocatorConfig,
     FlexLoRAConfig,
     LoRAConfig,
+    Method,
     allocator_config,
+    choices,
+    literal_fields,
 )
 from flexlora.allocators.flexlora import FlexLoRAAllocator, event_budget
 from flexlora.allocators.importance import SensitivityTracker, spectral_entropy
-from flexlora.allocators.plan import RankPlan
+from flexlora.plan import RankPlan
+
+_POLICIES: dict[type[AllocatorConfig], type[Allocator]] = {
+    LoRAConfig: StaticAllocator,
+    AdaLoRAConfig: AdaLoRAAllocator,
+    FlexLoRAConfig: FlexLoRAAllocator,
+}
 
 
-def build_allocator(config: AllocatorConfig | Mapping[str, Any]) -> Allocator:
-    """The allocator for a validated config (or a plain mapping with a ``name``)."""
+def build_allocator(config: AllocatorConfig | Mapping[str, Any], seed: int = 0) -> Allocator:
+    """The allocator for a validated config (or a plain mapping with a ``name``); ``seed`` seeds its own RNG."""
     if not isinstance(config, AllocatorConfig):
         config = allocator_config(config)
-    if isinstance(config, FlexLoRAConfig):
-        return FlexLoRAAllocator(config)
-    if isinstance(config, AdaLoRAConfig):
-        return AdaLoRAAllocator(config)
-    return StaticAllocator(config)
+    return _POLICIES[type(config)](config, seed)  # type: ignore[arg-type]
 
 
 __all__ = [
+    "METHODS",
     "AdaLoRAAllocator",
     "AdaLoRAConfig",
     "Allocator",
@@ -39,11 +46,14 @@ __all__ = [
     "FlexLoRAAllocator",
     "FlexLoRAConfig",
     "LoRAConfig",
+    "Method",
     "RankPlan",
     "SensitivityTracker",
     "StaticAllocator",
     "allocator_config",
     "build_allocator",
+    "choices",
     "event_budget",
+    "literal_fields",
     "spectral_entropy",
 ]

@@ -10,7 +10,7 @@ import torch
 from flexlora.allocators.base import Adapters, Allocator
 from flexlora.allocators.config import AdaLoRAConfig
 from flexlora.allocators.importance import SensitivityTracker
-from flexlora.allocators.plan import RankPlan
+from flexlora.plan import RankPlan, SlotChange
 
 
 class AdaLoRAAllocator(Allocator):
@@ -24,8 +24,8 @@ class AdaLoRAAllocator(Allocator):
 
     config: AdaLoRAConfig
 
-    def __init__(self, config: AdaLoRAConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: AdaLoRAConfig, seed: int = 0) -> None:
+        super().__init__(config, seed)
         self.tracker = SensitivityTracker(config.beta1, config.beta2)
         self.initial_budget = 0
         self.target_budget = 0
@@ -109,6 +109,9 @@ class AdaLoRAAllocator(Allocator):
         if step == self.final_step:  # the pattern is fixed: masked slots die
             return RankPlan(step=step, prune=lowest, budget=budget, importance=importance)
         return RankPlan(step=step, zero_lambda=lowest, budget=budget, importance=importance)
+
+    def on_applied(self, changes: Mapping[str, SlotChange]) -> None:
+        self.tracker.follow(changes)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -8,8 +8,8 @@ from typing import Any
 
 from flexlora.adapters.layer import SlotLoRALayer
 from flexlora.allocators.config import AllocatorConfig
-from flexlora.allocators.plan import RankPlan
 from flexlora.errors import FlexLoRAError
+from flexlora.plan import RankPlan, SlotChange
 
 Adapters = Mapping[str, SlotLoRALayer]
 
@@ -23,8 +23,9 @@ class Allocator(ABC):
 
     dynamic: bool = True
 
-    def __init__(self, config: AllocatorConfig) -> None:
+    def __init__(self, config: AllocatorConfig, seed: int = 0) -> None:
         self.config = config
+        self.seed = seed
         self.total_steps: int | None = None
         self.t_init = 0
         self.t_final = 0
@@ -51,9 +52,12 @@ class Allocator(ABC):
     def plan(self, adapters: Adapters, step: int) -> RankPlan | None:
         """The decision for optimizer step ``step`` (None when nothing changes). Must not mutate anything."""
 
-    def importance(self, adapters: Adapters) -> dict[str, float]:
+    def importance(self, adapters: Adapters) -> dict[str, float | None]:
         """Per-matrix scores for logging (default: none)."""
         return {}
+
+    def on_applied(self, changes: Mapping[str, SlotChange]) -> None:  # noqa: B027 - optional hook
+        """A plan was applied: per-slot state the allocator keeps (score trackers) follows ``changes``."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"total_steps": self.total_steps, "t_init": self.t_init, "t_final": self.t_final, "names": self.names}

@@ -9,8 +9,8 @@ from typing import Literal
 import torch
 
 from flexlora.adapters.layer import SlotLoRALayer
+from flexlora.plan import SlotChange
 
-ImportanceKind = Literal["entropy", "nuclear", "frobenius", "sensitivity"]
 ENTROPY_EPS = 1e-8
 
 
@@ -140,6 +140,17 @@ class SensitivityTracker:
         if key_e in self.ipt_avg:
             scores += (self.ipt_avg[key_e] * self.unc_avg[key_e]).view(-1)
         return scores
+
+    @torch.no_grad()
+    def follow(self, changes: Mapping[str, SlotChange]) -> None:
+        """Slots moved or restarted: their EMA rows move with them, and a reset slot starts from zero
+        (a regrown slot must not inherit the scores of the slot that died there)."""
+        for name, change in changes.items():
+            for pname, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+                key = f"{name}.{pname}"
+                if key in self.ipt_avg:
+                    change.apply_to(self.ipt_avg[key], dim)
+                    change.apply_to(self.unc_avg[key], dim)
 
     def state_dict(self) -> dict:
         return {"beta1": self.beta1, "beta2": self.beta2, "ipt_avg": dict(self.ipt_avg), "unc_avg": dict(self.unc_avg)}

@@ -1,7 +1,6 @@
-"""Lightning side: the LightningModule, the rank-allocation Callback, the optimizer and its surgery."""
+"""Lightning side: the LightningModule, the rank-allocation Callback, reporting to loggers."""
 
 from flexlora.training.callback import RankAllocationCallback
 from flexlora.training.module import FlexLoRAModule
-from flexlora.training.optim import SlotAdamW
 
-__all__ = ["FlexLoRAModule", "RankAllocationCallback", "SlotAdamW"]
+__all__ = ["FlexLoRAModule", "RankAllocationCallback"]

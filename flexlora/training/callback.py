@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from flexlora.adapters import apply_plan
-from flexlora.allocators import Allocator, RankPlan, build_allocator
+from flexlora.allocators import Allocator, build_allocator
 from flexlora.errors import FlexLoRAError
+from flexlora.events import apply_event
+from flexlora.optim import supports_slot_surgery
+from flexlora.plan import RankPlan
 from flexlora.training.module import FlexLoRAModule
-from flexlora.training.surgery import apply_surgery, supports_slot_surgery
 
 log = logging.getLogger(__name__)
 SHARDED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
@@ -59,7 +60,7 @@ class RankAllocationCallback(Callback):
             )
         if not isinstance(pl_module, FlexLoRAModule):
             raise FlexLoRAError("RankAllocationCallback needs a FlexLoRAModule")
-        self.allocator = build_allocator(pl_module.allocator_config)
+        self.allocator = build_allocator(pl_module.allocator_config, seed=self.seed)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert self.allocator is not None and isinstance(pl_module, FlexLoRAModule)
@@ -71,7 +72,7 @@ class RankAllocationCallback(Callback):
                     raise FlexLoRAError(
                         f"allocator {pl_module.allocator_config.name} changes ranks during training, which needs an "
                         f"optimizer with per-slot step counts; {type(optimizer).__name__} has one per tensor. "
-                        "Use flexlora.training.optim.SlotAdamW (the default model.optimizer)"
+                        "Use flexlora.optim.SlotAdamW (the default model.optimizer)"
                     )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -100,9 +101,7 @@ class RankAllocationCallback(Callback):
         plan = trainer.strategy.broadcast(plan, src=0)
         if plan is None or plan.is_empty():
             return
-        touched = apply_plan(pl_module.adapters, plan, self.generator)
-        for optimizer in trainer.optimizers:
-            apply_surgery(optimizer, pl_module.adapters, touched)
+        apply_event(pl_module.adapters, plan, trainer.optimizers, self.generator, self.allocator)
         self.events += 1
         self._record(trainer, pl_module, plan)
 
@@ -117,6 +116,7 @@ class RankAllocationCallback(Callback):
             "pruned": {k: len(v) for k, v in plan.prune.items() if v},
             "grown": {k: v for k, v in plan.grow.items() if v},
             "soft_masked": sum(len(v) for v in plan.zero_lambda.values()),
+            "skipped_full": plan.skipped_full,
             "ranks": ranks,
             "importance": plan.importance,
         }
@@ -126,6 +126,7 @@ class RankAllocationCallback(Callback):
             "alloc/total_rank": float(record["total_rank"]),
             "alloc/pruned": float(sum(record["pruned"].values())),
             "alloc/grown": float(sum(record["grown"].values())),
+            "alloc/skipped_full": float(plan.skipped_full),
         }
         if plan.budget is not None:
             metrics["alloc/budget"] = float(plan.budget)

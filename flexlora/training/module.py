@@ -39,7 +39,7 @@ class FlexLoRAModule(L.LightningModule):
     """Hosts the adapted backbone. Loss = task loss + orth_reg * orthogonality penalty, added explicitly.
 
     ``optimizer`` is a partial (Hydra ``_partial_: true``) that receives the named param groups; the
-    default is :class:`flexlora.training.optim.SlotAdamW`, which every allocator shares.
+    default is :class:`flexlora.optim.SlotAdamW`, which every allocator shares.
     """
 
     def __init__(
