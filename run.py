@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from flexlora.conf_store import register
 from flexlora.errors import FlexLoRAError
+
+register()  # schemas in Hydra's ConfigStore and the project's resolvers, before @hydra.main composes
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers fork-warn under DataLoader workers
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

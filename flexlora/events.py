@@ -12,6 +12,7 @@ import torch
 from torch.optim import Optimizer
 
 from flexlora.adapters import SlotLoRALayer, apply_plan
+from flexlora.faults import fault_point
 from flexlora.optim import apply_surgery
 from flexlora.plan import RankPlan, SlotChange
 
@@ -30,6 +31,7 @@ def apply_event(
     """Apply ``plan`` (masks, swaps, new vectors), then surgery on every optimizer, then let the allocator's
     per-slot state follow; returns the changes per matrix."""
     changes = apply_plan(adapters, plan, generator)
+    fault_point("event")  # the most fragile moment: masks changed, optimizer state not yet
     for optimizer in optimizers:
         apply_surgery(optimizer, adapters, changes)
     if allocator is not None:

@@ -5,8 +5,10 @@
 Each adapter is compacted to its live slots; lambda is folded into A (``A' = diag(lambda) A``), and
 ``rank_pattern`` / ``alpha_pattern`` give every module peft's scale ``alpha_k / r_k = alpha / r0``, the
 constant training scale. The task head goes in ``modules_to_save``. peft itself writes the files
-(``save_pretrained``), so the folder is exactly what ``PeftModel.from_pretrained`` expects. A backbone that
-was built from a config (no pretrained weights anywhere) is saved beside the adapter as ``base_model/``.
+(``save_pretrained``), so the folder is exactly what ``PeftModel.from_pretrained`` expects. The adapter names
+its base model by the backbone's hub id (``base_model_name_or_path``), so it travels to other machines; a
+backbone built from a config (no pretrained weights anywhere) is saved beside the adapter as ``base_model/``.
+``README.md`` is a model card: method and allocator config, task, final metrics, rank pattern, how to load.
 """
 
 from __future__ import annotations
@@ -31,24 +33,28 @@ log = logging.getLogger("flexlora.export")
 
 
 def save_trained_state(module: Any, run_dir: Path) -> Path:
-    """Called at the end of training: the final trained tensors, in the run folder."""
+    """Called at the end of training: the final trained tensors, in the run folder (written, then renamed)."""
+    import os
+
     from safetensors.torch import save_file
 
     path = Path(run_dir) / TRAINED_STATE
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.trained_state_dict().items()}, str(path))
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.trained_state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
     return path
 
 
 def load_run(run_dir: Path, ckpt: Path | None = None):
-    """Rebuild the run's FlexLoRAModule with its trained weights (final state, or a Lightning checkpoint)."""
-    from flexlora.training.module import FlexLoRAModule
+    """Rebuild the run's module with its trained weights (final state, or a Lightning checkpoint)."""
+    from flexlora.training.module import AdaptedBackboneModule
 
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         raise FlexLoRAError(f"{run_dir} has no metrics.json: pass the folder of a finished run (hydra run dir)")
     config = json.loads(metrics_path.read_text())["config"]
-    module = FlexLoRAModule(
-        backbone=config["backbone"], allocator=config["allocator"], task=config["task"]["name"],
+    module = AdaptedBackboneModule(
+        backbone=config["backbone"], allocator=config["allocator"], task=config["task"],
         optimizer=lambda groups: None, seed=config["seed"],
     )
     if ckpt is not None:
@@ -94,8 +100,9 @@ def to_peft(module: Any, config: dict[str, Any]):
     scale = next(iter(adapters.values())).scale
     default_r = Counter(live.values()).most_common(1)[0][0]
     head = list(config["backbone"].get("head_modules") or [])
+    task_type = {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}.get(module.family.spec.family)
     peft_config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=task_type,
         r=default_r,
         lora_alpha=default_r * scale,
         target_modules=sorted(live),
@@ -119,29 +126,58 @@ def to_peft(module: Any, config: dict[str, Any]):
     return peft_model.eval(), ranks
 
 
+def base_reference(backbone: dict[str, Any]) -> str | None:
+    """What the adapter names as its base model: the hub id where the backbone has one, so the folder loads
+    on any machine; a local folder only when the weights exist nowhere else (None: ship them)."""
+    from flexlora.backbones.hub import resolve_pretrained
+
+    if backbone.get("hub_id"):
+        return str(backbone["hub_id"])
+    if backbone.get("pretrained"):
+        return resolve_pretrained(backbone["pretrained"])
+    return None
+
+
+def _save_preprocessor(module: Any, backbone: dict[str, Any], folder: Path) -> None:
+    family = module.family.spec.family
+    if family == "classification":
+        from flexlora.backbones.text import load_tokenizer
+
+        load_tokenizer(backbone).save_pretrained(folder)
+    elif family == "causal_lm":
+        from flexlora.families.causal_lm import load_tokenizer as load_lm_tokenizer
+
+        load_lm_tokenizer(backbone).save_pretrained(folder)
+    elif family == "image":
+        from flexlora.backbones.vision import load_image_processor
+
+        load_image_processor(backbone).save_pretrained(folder)
+
+
 def export(run_dir: Path, out_dir: Path, merge: bool = False, ckpt: Path | None = None) -> dict[str, Any]:
-    from flexlora.models import load_tokenizer, resolve_pretrained
+    from flexlora.eventlog import atomic_write_text
+    from flexlora.modelcard import model_card
 
     module, config = load_run(run_dir, ckpt)
     peft_model, ranks = to_peft(module, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone = config["backbone"]
-    if backbone.get("pretrained"):
-        base_ref = resolve_pretrained(backbone["pretrained"])
-    else:  # built from a config: ship the exact base weights so peft can load onto them
+    base_ref = base_reference(backbone)
+    if base_ref is None:  # built from a config: ship the exact base weights so peft can load onto them
         base_dir = out_dir / "base_model"
         unwrap(module.model).save_pretrained(base_dir)
         base_ref = str(base_dir.resolve())
     peft_model.peft_config["default"].base_model_name_or_path = base_ref
     peft_model.save_pretrained(out_dir)
-    (out_dir / "rank_pattern.json").write_text(json.dumps(ranks, indent=2))
-    tokenizer = load_tokenizer(backbone)
-    tokenizer.save_pretrained(out_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    atomic_write_text(out_dir / "README.md", model_card(metrics, ranks, base_ref, module.family.spec.family))
+    atomic_write_text(out_dir / "rank_pattern.json", json.dumps(ranks, indent=2))
+    _save_preprocessor(module, backbone, out_dir)
     summary = {"out": str(out_dir), "base_model": base_ref, "matrices": len(ranks), "total_rank": sum(ranks.values())}
     if merge:
         merged = copy.deepcopy(peft_model).merge_and_unload()
         merged.save_pretrained(out_dir / "merged")
-        tokenizer.save_pretrained(out_dir / "merged")
+        _save_preprocessor(module, backbone, out_dir / "merged")
         summary["merged"] = str(out_dir / "merged")
     return summary
 

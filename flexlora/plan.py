@@ -8,9 +8,10 @@ pickles for the DDP broadcast. Neither side imports the other: both import this 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 GrowInit = Literal["zero_impact", "orthogonal", "small_value", "all_zero"]
 
@@ -78,6 +79,8 @@ class SlotChange:
     def apply_to(self, tensor: torch.Tensor, dim: int) -> None:
         """Make a per-slot tensor (optimizer moments, step counts, score trackers) follow this change: the
         swaps in order, then zeros at the reset slots. In place."""
+        import torch
+
         for i, j in self.swaps:
             if i != j:
                 index = torch.tensor([i, j], device=tensor.device)

@@ -1,8 +1,9 @@
-"""train(cfg): instantiate data, model, callbacks and trainer from the Hydra config; fit; validate; report.
+"""train(cfg): build the run from the Hydra config, fit, evaluate, and write the run folder's results.
 
-Writes ``metrics.json`` into the run folder (final and best metrics per split, rank pattern, total rank,
-trainable parameters, number of allocation events, the resolved config) and returns the value of
-``cfg.optimized_metric`` for Hydra sweepers.
+Hydra builds every piece from its ``_target_`` (data, model, trainer, callbacks, loggers); this function
+checks the config before anything heavy, decides whether to resume or skip (``ckpt_path``), and writes
+``predictions.jsonl``, ``trained_state.safetensors`` and, last, ``metrics.json``, each atomically, so a
+folder with a complete metrics.json is a finished run and nothing in it is ever half-written.
 """
 
 from __future__ import annotations
@@ -10,60 +11,72 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from flexlora.data import TaskDataModule
+from flexlora.allocators.config import allocator_config
+from flexlora.conf_store import to_plain
 from flexlora.errors import FlexLoRAError
-from flexlora.export import save_trained_state
-from flexlora.models import load_tokenizer
-from flexlora.training import FlexLoRAModule, RankAllocationCallback
-from flexlora.training.reporting import RankReporter
+from flexlora.eventlog import atomic_write_text, json_safe
+from flexlora.families import EvalRecords, make_family
+from flexlora.training.checkpoints import (
+    AtomicCheckpointIO,
+    PreemptionCheckpoint,
+    is_stop_signal,
+    resolve_checkpoint,
+)
 
-log = logging.getLogger(__name__)
-
-# The DataModule checkpoints its position in the epoch and its sampler skips what was consumed, so a
-# mid-epoch resume is exact; Lightning cannot see that and would warn on every resume.
-warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-
-
-def _container(cfg: DictConfig | None) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if cfg is not None else None
+log = logging.getLogger("flexlora")
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
 
 
-def build(cfg: DictConfig) -> tuple[TaskDataModule, FlexLoRAModule, L.Trainer, RankAllocationCallback]:
-    """Everything a run needs, from the config; separate from fit so tests can drive pieces."""
-    L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-    tokenizer = load_tokenizer(cfg.backbone)
-    task = cfg.task
-    datamodule = TaskDataModule(
-        task.name, tokenizer, data_dir=task.get("data_dir"), hub_id=task.get("hub_id", "nyu-mll/glue"),
-        max_length=task.max_length, batch_size=task.batch_size, eval_batch_size=task.eval_batch_size,
-        num_workers=task.get("num_workers", 0), max_train_samples=task.get("max_train_samples"),
-        max_eval_samples=task.get("max_eval_samples"), seed=cfg.seed,
+def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The metrics of a finished run (a complete, parseable metrics.json with final metrics), else None."""
+    path = run_dir / METRICS_FILE
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return metrics if isinstance(metrics, dict) and metrics.get("final") else None
+
+
+def check_config(plain: dict[str, Any]) -> None:
+    """Everything that can be checked before a model is built: allocator fields, family and data paths."""
+    allocator_config(plain["allocator"])
+    make_family(plain["task"], plain["backbone"], plain["seed"]).check()
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, Any, L.Trainer, Any]:
+    """Data, module, trainer and the allocation callback, from the config (tests drive the pieces)."""
+    from flexlora.training.callback import RankAllocationCallback
+    from flexlora.training.reporter import RankReporter
+
+    plain = to_plain(cfg)
+    resolved = OmegaConf.create(plain)  # interpolations resolved, Enums as strings: what the library expects
+    output_dir = Path(plain["paths"]["output_dir"])
+    L.seed_everything(plain["seed"], workers=True)
+    datamodule = hydra.utils.instantiate(resolved.data)
+    module = hydra.utils.instantiate(resolved.model)
+    allocation = RankAllocationCallback(seed=plain["seed"])
+    callbacks: list[L.Callback] = [allocation, RankReporter(output_dir, allocation, **(plain.get("report") or {}))]
+    show_progress = plain["trainer"].get("enable_progress_bar", True)
+    for entry in _targets(resolved.get("callbacks")):
+        callback = hydra.utils.instantiate(entry)
+        if show_progress or not isinstance(callback, ProgressBar):
+            callbacks.append(callback)
+    callbacks.append(PreemptionCheckpoint(output_dir / "checkpoints"))
+    loggers = [hydra.utils.instantiate(entry) for entry in _targets(resolved.get("logger"))]
+    trainer: L.Trainer = hydra.utils.instantiate(
+        resolved.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
-    module = FlexLoRAModule(
-        backbone=_container(cfg.backbone), allocator=_container(cfg.allocator), task=task.name,
-        optimizer=hydra.utils.instantiate(cfg.model.optimizer), warmup_steps=cfg.model.warmup_steps,
-        eval_splits=datamodule.eval_split_names, seed=cfg.seed,
-    )
-    allocation = RankAllocationCallback(seed=cfg.seed)
-    reporter = RankReporter(output_dir, **(_container(cfg.get("report")) or {}))
-    allocation.listeners.append(reporter.on_event)
-    callbacks: list[L.Callback] = [allocation, reporter]
-    show_progress = cfg.trainer.get("enable_progress_bar", True)
-    callbacks += [
-        hydra.utils.instantiate(c) for c in _targets(cfg.get("callbacks"))
-        if show_progress or not str(c["_target_"]).endswith("ProgressBar")
-    ]
-    loggers = [hydra.utils.instantiate(c) for c in _targets(cfg.get("logger"))]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in trainer.loggers:  # the whole composed config, intact (the module logs no hyperparameters)
+        logger.log_hyperparams(plain)
     return datamodule, module, trainer, allocation
 
 
@@ -72,79 +85,97 @@ def _targets(group: DictConfig | None) -> list[DictConfig]:
     return [c for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def _best(history: list[dict[str, float]]) -> dict[str, float]:
+def _best(history: list[dict[str, float]], lower_is_better: set[str]) -> dict[str, float]:
     best: dict[str, float] = {}
     for entry in history:
         for key, value in entry.items():
-            if key == "step":
+            if key == "step" or value != value:  # NaN never wins
                 continue
-            better = min if key.endswith("loss") else max
+            better = min if key.endswith("loss") or key.endswith("mse") or key in lower_is_better else max
             best[key] = value if key not in best else better(best[key], value)
     return best
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Fit, validate the final weights, write metrics.json, return the optimised metric."""
+    """Fit (or resume, or skip a finished run), evaluate the final weights, write the results."""
     started = time.time()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    metric = cfg.get("optimized_metric")
+    mode = cfg.get("ckpt_path")
+    if mode == "auto" and (done := finished_metrics(output_dir)) is not None:
+        log.info("skip: %s is a finished run (complete %s); delete it to train again", output_dir, METRICS_FILE)
+        return done["final"].get(metric) if metric else None
+    check_config(to_plain(cfg))
+    ckpt = resolve_checkpoint(mode, output_dir)
     datamodule, module, trainer, allocation = build(cfg)
     try:
-        _log_config(trainer, cfg)
-        ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"), output_dir)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        final = trainer.validate(module, datamodule=datamodule, verbose=False)
-        final_metrics: dict[str, float] = {}
-        for split_metrics in final:
-            final_metrics.update({k: float(v) for k, v in split_metrics.items()})
-        history = module.eval_history
-        rank_pattern = module.rank_pattern()
-        result = {
-            "final": final_metrics,
-            "best": _best(history),
-            "history": history,
-            "rank_pattern": rank_pattern,
-            "total_rank": sum(rank_pattern.values()),
-            "trainable_params": module.trainable_parameters(),
-            "events": allocation.events,
-            "steps": trainer.global_step,
-            "wall_time_s": round(time.time() - started, 1),
-            "optimized_metric": cfg.get("optimized_metric"),
-            "config": _container(cfg),
-        }
+        if ckpt is not None:
+            log.info("resuming from %s", ckpt)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        except BaseException as err:
+            if is_stop_signal(err):
+                log.warning("stopped by a signal at step %d; rerun the same command to resume", trainer.global_step)
+                raise SystemExit(getattr(err, "code", None) or 143) from None
+            raise
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        result = _results(cfg, module, trainer, allocation, started)
         if trainer.is_global_zero:
-            save_trained_state(module, output_dir)
-            (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-            log.info("metrics: %s", json.dumps(final_metrics))
-            log.info("wrote %s", output_dir / "metrics.json")
-        metric = cfg.get("optimized_metric")
-        if metric and metric not in final_metrics:
-            raise FlexLoRAError(f"optimized_metric {metric!r} is not among the metrics {sorted(final_metrics)}")
-        return final_metrics.get(metric) if metric else None
+            _write_run(output_dir, module, result)
+        final = result["final"]
+        if metric and metric not in final:
+            raise FlexLoRAError(f"optimized_metric {metric!r} is not among the metrics {sorted(final)}")
+        return final.get(metric) if metric else None
     finally:
         _finish_wandb()
 
 
-def _resolve_ckpt(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``last`` means this run folder's checkpoints/last.ckpt; anything else is a path."""
-    if not ckpt_path:
-        return None
-    if ckpt_path == "last":
-        path = output_dir / "checkpoints" / "last.ckpt"
-        if not path.is_file():
-            raise FlexLoRAError(
-                f"ckpt_path=last but {path} does not exist; resume in the same run folder (hydra.run.dir=<run dir>) "
-                "or pass ckpt_path=<path to a .ckpt>"
-            )
-        return str(path)
-    if not Path(ckpt_path).is_file():
-        raise FlexLoRAError(f"ckpt_path={ckpt_path!r} is not a file")
-    return ckpt_path
+def _results(cfg: DictConfig, module: Any, trainer: L.Trainer, allocation: Any, started: float) -> dict[str, Any]:
+    rank_pattern = module.rank_pattern()
+    lower = {module.family.spec.main_metric} if module.family.spec.lower_is_better else set()
+    return {
+        "final": dict(module.last_metrics),
+        "best": _best(module.eval_history, lower),
+        "history": module.eval_history,
+        "degenerate": {split: bool(module.degenerate.get(split)) for split in module.eval_splits},
+        "degenerate_reason": dict(module.degenerate),
+        "predictions": PREDICTIONS_FILE,
+        "rank_pattern": rank_pattern,
+        "total_rank": sum(rank_pattern.values()),
+        "trainable_params": module.trainable_parameters(),
+        "events": allocation.events,
+        "steps": trainer.global_step,
+        "wall_time_s": round(time.time() - started, 1),
+        "optimized_metric": cfg.get("optimized_metric"),
+        "config": to_plain(cfg),
+    }
 
 
-def _log_config(trainer: L.Trainer, cfg: DictConfig) -> None:
-    for logger in trainer.loggers:
-        logger.log_hyperparams(_container(cfg))
+def _write_run(output_dir: Path, module: Any, result: dict[str, Any]) -> None:
+    from flexlora.export import save_trained_state
+
+    write_predictions(output_dir / PREDICTIONS_FILE, module.last_records)
+    save_trained_state(module, output_dir)
+    # NaN stays NaN here (Python's json writes it as a bare NaN token): an undefined metric must read as one
+    atomic_write_text(output_dir / METRICS_FILE, json.dumps({**result, "config": json_safe(result["config"])},
+                                                            indent=2))
+    log.info("metrics: %s", json.dumps(result["final"]))
+    for split, why in module.degenerate.items():
+        log.warning("DEGENERATE %s: %s", split, why)
+    log.info("wrote %s", output_dir / METRICS_FILE)
+
+
+def write_predictions(path: Path, records: dict[str, EvalRecords]) -> None:
+    """One JSON object per example of the final evaluation: split, idx, label, prediction (+ score/output)."""
+    lines = []
+    for split, rec in records.items():
+        for i, (idx, label, prediction) in enumerate(zip(rec.idx, rec.label, rec.prediction, strict=True)):
+            row: dict[str, Any] = {"split": split, "idx": idx, "label": label, "prediction": prediction}
+            if rec.score is not None:
+                row["output" if isinstance(rec.score[i], str) else "score"] = rec.score[i]
+            lines.append(json.dumps(json_safe(row)))
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _finish_wandb() -> None:

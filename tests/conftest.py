@@ -14,6 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from flexlora.conf_store import register
+
+register()  # the config schemas and resolvers, as run.py registers them, for every compose in the tests
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from flexlora.allocators import allocator_config
-from flexlora.data import TASKS
+from flexlora.conf_store import to_plain
+from flexlora.tasks import TASKS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -30,7 +31,7 @@ def resolve(cfg) -> dict:
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.pop("hydra")
-    return OmegaConf.to_container(cfg, resolve=True)
+    return to_plain(cfg)
 
 
 def test_default_is_the_offline_embedded_run():
@@ -40,21 +41,72 @@ def test_default_is_the_offline_embedded_run():
     assert cfg.optimized_metric == "val/accuracy"
 
 
+FAMILY_BACKBONE = {"classification": "minilm", "causal_lm": "tiny_llama", "image": "tiny_vit",
+                   "synthetic": "synthetic"}
+
+
 @pytest.mark.parametrize("task", options("task"))
-def test_every_task_composes(task):
-    cfg = resolve(make([f"task={task}"]))
-    assert cfg["task"]["name"] == task and task in TASKS
-    split, metric = cfg["optimized_metric"].split("/")
-    assert metric in TASKS[task].metrics
-    assert split in [s.name for s in TASKS[task].eval_splits] or task == "tweets"
+def test_every_task_composes_and_its_main_metric_comes_from_the_task_spec(task):
+    spec = TASKS[task]
+    cfg = resolve(make([f"task={task}", f"backbone={FAMILY_BACKBONE[spec.family]}"]))
+    assert cfg["task"]["name"] == task
+    assert cfg["optimized_metric"] == spec.main_metric
+    assert cfg["optimized_metric"].split("/")[1] in spec.metrics
+    tune = resolve(make([f"task={task}", "task.split=tune"]))
+    assert tune["optimized_metric"].startswith("tune/")
 
 
 @pytest.mark.parametrize("backbone", options("backbone"))
 def test_every_backbone_composes(backbone):
     cfg = resolve(make([f"backbone={backbone}"]))
     assert cfg["backbone"]["name"] == backbone
-    assert cfg["backbone"]["target_modules"] and cfg["backbone"]["head_modules"]
+    assert cfg["backbone"]["target_modules"]
+    assert cfg["backbone"]["family"] in FAMILY_BACKBONE
     assert cfg["backbone"]["pretrained"] or cfg["backbone"]["from_config"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("allocator.importance=entropyy", "expected one of [entropy, nuclear, frobenius, sensitivity, random]"),
+    ("allocator.rank=abc", "could not be converted to Integer"),
+    ("allocator.no_such_field=1", "Key 'no_such_field' not in"),
+    ("task.split=dev", "expected one of [test, tune]"),
+    ("backbone.dtype=float8", "expected one of [float32, bfloat16, float16]"),
+])
+def test_bad_values_fail_when_the_config_is_composed(override, message):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as info:
+        make([override])
+    assert message in str(info.value.__cause__ or info.value)
+
+
+def test_schema_help_is_on_every_field():
+    import dataclasses
+
+    from flexlora.allocators.config import METHODS
+    from flexlora.schemas import TASK_SCHEMAS, BackboneConfig
+
+    for cls in [m.config for m in METHODS.values()] + list(TASK_SCHEMAS.values()) + [BackboneConfig]:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+
+
+@pytest.mark.parametrize("budget, ranks", [("default", (8, 12, 8)), ("flexlora_table", (12, 12, 12)),
+                                           ("released_scripts", (2, 2, 2))])
+def test_budgets_set_every_allocator_and_alpha_follows_r0(budget, ranks):
+    for allocator, rank in zip(("lora", "adalora", "flexlora"), ranks, strict=True):
+        cfg = resolve(make([f"budget={budget}", f"allocator={allocator}"]))
+        assert cfg["allocator"]["rank"] == rank
+        assert cfg["allocator"]["alpha"] / cfg["allocator"]["rank"] == cfg["budget"]["alpha_per_rank"]
+
+
+@pytest.mark.parametrize("task, ratio", [("cola", 10.6667), ("sst2", 8.0), ("rte", 16.0)])
+def test_deberta_glue_gives_every_method_the_released_alpha_over_r0(task, ratio):
+    for allocator in ("lora", "adalora", "flexlora"):
+        cfg = resolve(make(["+experiment=deberta_glue", f"task={task}", f"allocator={allocator}"]))
+        assert cfg["allocator"]["alpha"] / cfg["allocator"]["rank"] == pytest.approx(ratio)
+        assert cfg["trainer"]["gradient_clip_val"] == 1.0 and cfg["trainer"]["precision"] == "32-true"
+        assert cfg["model"]["optimizer"]["eps"] == 1e-8
 
 
 @pytest.mark.parametrize("allocator", options("allocator"))
@@ -88,12 +140,24 @@ def test_deberta_glue_per_task_hyperparameters(task, lr, t_final):
     assert resolved["task"]["batch_size"] == 32
 
 
-def test_command_line_allocator_wins_over_the_experiment():
-    # quickstart names flexlora; the command line picks adalora
-    cfg = make(["+experiment=quickstart", "allocator=adalora"])
+def test_command_line_allocator_wins_over_debug_and_experiments():
+    cfg = make(["debug=tiny", "allocator=adalora"])
     assert cfg.allocator.name == "adalora" and "target_rank" in cfg.allocator
-    cfg = make(["allocator=adalora", "+experiment=quickstart"])
-    assert cfg.allocator.name == "adalora"
+    assert cfg.backbone.name == "tiny_deberta" and cfg.trainer.max_steps == 30
+    cfg = make(["debug=tiny", "backbone=minilm", "logger=wandb"])
+    assert cfg.backbone.name == "minilm" and "wandb" in cfg.logger
+    cfg = make(["+experiment=rank_recovery", "allocator=lora"])
+    assert cfg.allocator.name == "lora" and cfg.backbone.name == "synthetic"
+
+
+def test_model_and_data_are_built_by_hydra(tmp_path):
+    from flexlora.train import build
+    from tests.helpers import compose_config
+
+    cfg = compose_config("debug=tiny", output_dir=tmp_path)
+    datamodule, module, trainer, _ = build(cfg)
+    assert type(module).__name__ == "AdaptedBackboneModule" and type(datamodule).__name__ == "TaskDataModule"
+    assert trainer.max_steps == 30 and module.eval_splits == ["val"]
 
 
 def test_schedule_overrides_apply_to_every_allocator():

@@ -1,59 +1,63 @@
 """Importance scores, budget schedules and the LoRA / AdaLoRA / FlexLoRA policies.
 
-Pure decision logic: knows nothing of Lightning or Hydra and never mutates adapters.
+Pure decision logic: knows nothing of Lightning or Hydra and never mutates adapters. The package resolves
+its names lazily (PEP 562), so ``flexlora.allocators.config`` (the schemas and the method registry) imports
+without torch, for the config store and the result tables.
 """
 
+from __future__ import annotations
+
+import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flexlora.allocators.adalora import AdaLoRAAllocator
-from flexlora.allocators.base import Allocator, StaticAllocator
-from flexlora.allocators.config import (
-    METHODS,
-    AdaLoRAConfig,
-    AllocatorConfig,
-    FlexLoRAConfig,
-    LoRAConfig,
-    Method,
-    allocator_config,
-    choices,
-    literal_fields,
-)
-from flexlora.allocators.flexlora import FlexLoRAAllocator, event_budget
-from flexlora.allocators.importance import SensitivityTracker, spectral_entropy
-from flexlora.plan import RankPlan
+if TYPE_CHECKING:
+    from flexlora.allocators.base import Allocator
+    from flexlora.allocators.config import AllocatorConfig
 
-_POLICIES: dict[type[AllocatorConfig], type[Allocator]] = {
-    LoRAConfig: StaticAllocator,
-    AdaLoRAConfig: AdaLoRAAllocator,
-    FlexLoRAConfig: FlexLoRAAllocator,
+_EXPORTS = {
+    "AdaLoRAAllocator": "adalora",
+    "Allocator": "base",
+    "StaticAllocator": "base",
+    "METHODS": "config",
+    "AdaLoRAConfig": "config",
+    "AllocatorConfig": "config",
+    "FlexLoRAConfig": "config",
+    "LoRAConfig": "config",
+    "Method": "config",
+    "allocator_config": "config",
+    "choices": "config",
+    "literal_fields": "config",
+    "FlexLoRAAllocator": "flexlora",
+    "event_budget": "flexlora",
+    "SensitivityTracker": "importance",
+    "spectral_entropy": "importance",
 }
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"flexlora.allocators.{_EXPORTS[name]}"), name)
+    if name == "RankPlan":
+        from flexlora.plan import RankPlan
+
+        return RankPlan
+    raise AttributeError(f"module 'flexlora.allocators' has no attribute {name!r}")
 
 
 def build_allocator(config: AllocatorConfig | Mapping[str, Any], seed: int = 0) -> Allocator:
     """The allocator for a validated config (or a plain mapping with a ``name``); ``seed`` seeds its own RNG."""
-    if not isinstance(config, AllocatorConfig):
+    from flexlora.allocators.adalora import AdaLoRAAllocator
+    from flexlora.allocators.base import StaticAllocator
+    from flexlora.allocators.config import AdaLoRAConfig, FlexLoRAConfig, LoRAConfig, allocator_config
+    from flexlora.allocators.flexlora import FlexLoRAAllocator
+
+    if not isinstance(config, Mapping) and not hasattr(config, "name"):
+        raise TypeError(f"expected an allocator config, got {type(config).__name__}")
+    if isinstance(config, Mapping):
         config = allocator_config(config)
-    return _POLICIES[type(config)](config, seed)  # type: ignore[arg-type]
+    policies = {LoRAConfig: StaticAllocator, AdaLoRAConfig: AdaLoRAAllocator, FlexLoRAConfig: FlexLoRAAllocator}
+    return policies[type(config)](config, seed)  # type: ignore[arg-type,index]
 
 
-__all__ = [
-    "METHODS",
-    "AdaLoRAAllocator",
-    "AdaLoRAConfig",
-    "Allocator",
-    "AllocatorConfig",
-    "FlexLoRAAllocator",
-    "FlexLoRAConfig",
-    "LoRAConfig",
-    "Method",
-    "RankPlan",
-    "SensitivityTracker",
-    "StaticAllocator",
-    "allocator_config",
-    "build_allocator",
-    "choices",
-    "event_budget",
-    "literal_fields",
-    "spectral_entropy",
-]
+__all__ = ["RankPlan", "build_allocator", *sorted(_EXPORTS)]

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
+from flexlora.backbones.hub import resolve_pretrained
 from flexlora.errors import FlexLoRAError
-from flexlora.models import resolve_pretrained
 
 try:  # transformers >= 5: the PIL backend has its own class; ViTImageProcessor needs torchvision there
     from transformers import ViTImageProcessorPil as _ViTProcessor

@@ -1,6 +1,4 @@
-"""Task data: GLUE from the hub or canonical TSV files, and the offline tweets task."""
+"""Task data: GLUE (hub or canonical TSVs), tweets, commonsense (LLM-Adapters format), VTAB-1k; one DataModule.
 
-from flexlora.data.datamodule import TaskDataModule
-from flexlora.data.tasks import TASKS, TaskSpec, task_spec
-
-__all__ = ["TASKS", "TaskDataModule", "TaskSpec", "task_spec"]
+Import the submodules you need (``flexlora.data.datamodule`` pulls Lightning; the readers do not).
+"""

@@ -1,9 +1,10 @@
-"""A LightningDataModule for the GLUE tasks and the offline tweets task.
+"""One LightningDataModule for every task family: the family prepares the splits, this module batches them.
 
-Tokenisation runs once through ``datasets.Dataset.map``; batches are padded dynamically. The training
-sampler is seeded per epoch and resumable: the DataModule's checkpoint state records how many batches of
-the current epoch were consumed, so a run resumed mid-epoch sees exactly the batches the uninterrupted run
-would have seen. It shards by process itself, so the Trainer runs with ``use_distributed_sampler=False``.
+The training sampler is seeded per epoch and resumable: the DataModule's checkpoint state records how many
+batches of the current epoch were consumed, so a run resumed mid-epoch sees exactly the batches the
+uninterrupted run would have seen. It shards by process itself, so the Trainer runs with
+``use_distributed_sampler=False``; evaluation splits are sharded without padding (no example counted twice)
+and the module gathers their predictions.
 """
 
 from __future__ import annotations
@@ -12,15 +13,12 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import datasets
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from flexlora.data.sources import Columns, load_glue_hub, load_glue_tsv, load_tweets
-from flexlora.data.tasks import TaskSpec, task_spec
 from flexlora.errors import FlexLoRAError
+from flexlora.families import Family, TaskData, make_family
 
 
 class ResumableShuffleSampler(Sampler[int]):
@@ -50,101 +48,62 @@ class ResumableShuffleSampler(Sampler[int]):
 
 
 class TaskDataModule(L.LightningDataModule):
-    """GLUE (hub or local TSV) or tweets, tokenised for one backbone's tokenizer."""
+    """Batches the splits of any task family (``task`` and ``backbone`` are the Hydra config nodes)."""
 
-    def __init__(
-        self,
-        task: str,
-        tokenizer: PreTrainedTokenizerBase,
-        *,
-        data_dir: str | None = None,
-        hub_id: str = "nyu-mll/glue",
-        max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        num_workers: int = 0,
-        max_train_samples: int | None = None,
-        max_eval_samples: int | None = None,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, task: Mapping[str, Any], backbone: Mapping[str, Any], seed: int = 0) -> None:
         super().__init__()
-        self.spec: TaskSpec = task_spec(task)
-        self.tokenizer = tokenizer
-        self.data_dir = data_dir
-        self.hub_id = hub_id
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.max_train_samples = max_train_samples
-        self.max_eval_samples = max_eval_samples
+        self.task = dict(task)
+        self.family: Family = make_family(self.task, backbone, seed)
+        self.batch_size = int(self.task.get("batch_size", 32))
+        self.eval_batch_size = int(self.task.get("eval_batch_size", 64))
+        self.num_workers = int(self.task.get("num_workers", 0))
         self.seed = seed
-        self.splits: dict[str, datasets.Dataset] = {}
-        self.collator = DataCollatorWithPadding(tokenizer)
+        self.data: TaskData | None = None
         self._resume: dict[str, int] | None = None
-        self._train_sampler: ResumableShuffleSampler | None = None
 
     @property
     def eval_split_names(self) -> list[str]:
-        return [s.name for s in self.spec.eval_splits] if self.spec.name != "tweets" else ["val"]
-
-    def load_raw(self) -> dict[str, Columns]:
-        if self.spec.name == "tweets":
-            return load_tweets()
-        if self.data_dir:
-            return load_glue_tsv(self.data_dir, self.spec)
-        return load_glue_hub(self.spec, self.hub_id)
+        return self.family.eval_splits
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if self.data is not None:
             return
-        raw = self.load_raw()
-        limits = {"train": self.max_train_samples}
-        for name, columns in raw.items():
-            limit = limits.get(name, self.max_eval_samples)
-            dataset = datasets.Dataset.from_dict(columns)
-            if limit is not None and limit < len(dataset):
-                dataset = dataset.select(range(limit))
-            self.splits[name] = dataset.map(
-                self._tokenize, batched=True, remove_columns=[c for c in dataset.column_names if c != "label"],
-                desc=f"tokenise {self.spec.name}/{name}", load_from_cache_file=False,
-            ).rename_column("label", "labels")
-        if len(self.splits["train"]) == 0:
-            raise FlexLoRAError(f"task {self.spec.name}: the training split is empty")
-
-    def _tokenize(self, batch: Mapping[str, list[Any]]) -> dict[str, Any]:
-        pair = (batch["text_a"], batch["text_b"]) if "text_b" in batch else (batch["text_a"],)
-        return self.tokenizer(*pair, truncation=True, max_length=self.max_length)
+        data = self.family.load_data()
+        if len(data.train) == 0:
+            raise FlexLoRAError(f"task {self.family.spec.name}: the training split is empty")
+        for name, split in data.evals.items():
+            if len(split) == 0:
+                raise FlexLoRAError(f"task {self.family.spec.name}: the evaluation split {name!r} is empty")
+        self.data = data
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def train_dataloader(self) -> DataLoader:
+        assert self.data is not None
         rank, world = self._rank_world()
-        sampler = ResumableShuffleSampler(len(self.splits["train"]), self.seed, rank, world)
+        sampler = ResumableShuffleSampler(len(self.data.train), self.seed, rank, world)
         if self._resume is not None:
             sampler.skip_epoch = self._resume["epoch"]
             sampler.skip_samples = self._resume["batches_done"] * self.batch_size
             self._resume = None
-        self._train_sampler = sampler
-        return self._loader(self.splits["train"], self.batch_size, sampler)
+        return self._loader(self.data.train, self.batch_size, sampler, self.data.train_collate)
 
     def val_dataloader(self) -> list[DataLoader]:
+        assert self.data is not None
         rank, world = self._rank_world()
-        loaders = []
-        for name in self.eval_split_names:
-            dataset = self.splits[name]
-            indices = list(range(rank, len(dataset), world))
-            loaders.append(self._loader(dataset, self.eval_batch_size, indices))
-        return loaders
+        return [
+            self._loader(self.data.evals[name], self.eval_batch_size,
+                         list(range(rank, len(self.data.evals[name]), world)), self.data.eval_collate)
+            for name in self.eval_split_names
+        ]
 
-    def _loader(self, dataset: datasets.Dataset, batch_size: int, sampler: Any) -> DataLoader:
+    def _loader(self, dataset: Any, batch_size: int, sampler: Any, collate: Any) -> DataLoader:
         # A private generator: building an iterator must not consume the global RNG (exact resume).
         return DataLoader(
-            dataset.with_format("torch"), batch_size=batch_size, sampler=sampler, collate_fn=self.collator,
-            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
-            persistent_workers=self.num_workers > 0,
+            dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed), persistent_workers=self.num_workers > 0,
         )
 
     # -- checkpoint state: position inside the current epoch -------------------------------------

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from flexlora.data.tasks import TaskSpec
 from flexlora.errors import FlexLoRAError
+from flexlora.tasks import TaskSpec
 
 Columns = dict[str, list[Any]]
 

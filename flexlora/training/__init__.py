@@ -1,6 +1,6 @@
-"""Lightning side: the LightningModule, the rank-allocation Callback, reporting to loggers."""
+"""Lightning side: the LightningModule, the rank-allocation Callback, reporting, checkpoints and preemption."""
 
 from flexlora.training.callback import RankAllocationCallback
-from flexlora.training.module import FlexLoRAModule
+from flexlora.training.module import AdaptedBackboneModule
 
-__all__ = ["FlexLoRAModule", "RankAllocationCallback"]
+__all__ = ["AdaptedBackboneModule", "RankAllocationCallback"]

@@ -5,8 +5,12 @@ Per optimizer step t (``trainer.global_step`` counts them, never micro-batches):
 * ``on_before_optimizer_step``: ``allocator.observe(adapters, t)`` with complete gradients (after
   accumulation and DDP all-reduce, unscaled, before clipping);
 * ``on_train_batch_end`` once ``global_step`` has advanced to t: ``plan = allocator.plan(adapters, t)``
-  on rank 0, broadcast to all ranks, applied to the adapters, optimizer-state surgery on the touched
-  slots, then logged.
+  on rank 0, broadcast to all ranks, then :func:`flexlora.events.apply_event` (adapters, optimizer-state
+  surgery, the allocator's trackers), then one record in the run's event log.
+
+Like Lightning's own stateful callbacks it validates early (``setup``: strategy, module, optimizer) and
+persists what a resume needs in its ``state_dict`` (allocator state, the new-slot generator, the event log,
+the global RNG), restoring it once everything else is loaded (``on_train_start``).
 """
 
 from __future__ import annotations
@@ -20,16 +24,20 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from typing_extensions import override
 
 from flexlora.allocators import Allocator, build_allocator
 from flexlora.errors import FlexLoRAError
+from flexlora.eventlog import EventLog
 from flexlora.events import apply_event
+from flexlora.faults import fault_point
 from flexlora.optim import supports_slot_surgery
 from flexlora.plan import RankPlan
-from flexlora.training.module import FlexLoRAModule
+from flexlora.training.module import AdaptedBackboneModule
 
 log = logging.getLogger(__name__)
-SHARDED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
+SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 EventListener = Callable[[dict[str, Any]], None]
 
@@ -43,29 +51,29 @@ class RankAllocationCallback(Callback):
         self.allocator: Allocator | None = None
         self.events = 0
         self.last_step = 0
-        self.records: list[dict[str, Any]] = []
+        self.event_log = EventLog()  # the reporter gives it its file on rank 0
         self.listeners: list[EventListener] = []
         self._pending_state: dict[str, Any] | None = None
-        self._pending_rng: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ setup and validation
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        if any(s in strategy for s in SHARDED_STRATEGIES):
+        if isinstance(trainer.strategy, SHARDED_STRATEGIES):
             raise FlexLoRAError(
-                f"trainer strategy {strategy} shards parameters, which rank allocation does not support yet "
-                "(masks and optimizer surgery need whole tensors on every rank); use trainer=ddp or a single device"
+                f"trainer strategy {type(trainer.strategy).__name__} shards parameters, which rank allocation does "
+                "not support yet (masks and optimizer surgery need whole tensors on every rank); use trainer=ddp "
+                "or a single device"
             )
-        if not isinstance(pl_module, FlexLoRAModule):
-            raise FlexLoRAError("RankAllocationCallback needs a FlexLoRAModule")
+        if not isinstance(pl_module, AdaptedBackboneModule):
+            raise FlexLoRAError("RankAllocationCallback needs an AdaptedBackboneModule")
         self.allocator = build_allocator(pl_module.allocator_config, seed=self.seed)
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        assert self.allocator is not None and isinstance(pl_module, FlexLoRAModule)
-        total = int(trainer.estimated_stepping_batches)
-        self.allocator.bind(pl_module.adapters, total)
+        assert self.allocator is not None and isinstance(pl_module, AdaptedBackboneModule)
+        self.allocator.bind(pl_module.adapters, int(trainer.estimated_stepping_batches))
         if self.allocator.dynamic:
             for optimizer in trainer.optimizers:
                 if not supports_slot_surgery(optimizer):
@@ -75,28 +83,33 @@ class RankAllocationCallback(Callback):
                         "Use flexlora.optim.SlotAdamW (the default model.optimizer)"
                     )
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Resume: everything of the checkpoint is loaded by now, whatever the strategy's restore order.
-        if self._pending_state is not None:
+        assert isinstance(pl_module, AdaptedBackboneModule)
+        if self._pending_state is not None:  # resume: everything else of the checkpoint is loaded by now
             self._restore(self._pending_state)
             self._pending_state = None
-        if self._pending_rng is not None:  # resume: continue the dropout stream where the checkpoint left it
-            _set_rng_state(self._pending_rng)
-            self._pending_rng = None
+            return
+        ranks = pl_module.rank_pattern()
+        self.event_log.reset([{"step": 0, "event": 0, "kind": "start", "total_rank": sum(ranks.values()),
+                               "budget": None, "ranks": ranks, "importance": {}}])
 
     # ------------------------------------------------------------------ per step
+    @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        assert self.allocator is not None and isinstance(pl_module, FlexLoRAModule)
+        assert self.allocator is not None and isinstance(pl_module, AdaptedBackboneModule)
         self.allocator.observe(pl_module.adapters, trainer.global_step + 1)
 
+    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        fault_point("step")
         step = trainer.global_step
         if step == self.last_step:  # gradient accumulation: no optimizer step happened
             return
         self.last_step = step
-        assert self.allocator is not None and isinstance(pl_module, FlexLoRAModule)
+        assert self.allocator is not None and isinstance(pl_module, AdaptedBackboneModule)
         plan = self.allocator.plan(pl_module.adapters, step) if trainer.is_global_zero else None
         plan = trainer.strategy.broadcast(plan, src=0)
         if plan is None or plan.is_empty():
@@ -105,12 +118,20 @@ class RankAllocationCallback(Callback):
         self.events += 1
         self._record(trainer, pl_module, plan)
 
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, AdaptedBackboneModule)
+        ranks = pl_module.rank_pattern()
+        self.event_log.append({"step": trainer.global_step, "event": None, "kind": "end",
+                               "total_rank": sum(ranks.values()), "budget": None, "ranks": ranks, "importance": {}})
+
     # ------------------------------------------------------------------ logging
-    def _record(self, trainer: L.Trainer, pl_module: FlexLoRAModule, plan: RankPlan) -> None:
+    def _record(self, trainer: L.Trainer, pl_module: AdaptedBackboneModule, plan: RankPlan) -> None:
         ranks = pl_module.rank_pattern()
         record = {
             "step": plan.step,
             "event": self.events,
+            "kind": "event",
             "total_rank": sum(ranks.values()),
             "budget": plan.budget,
             "pruned": {k: len(v) for k, v in plan.prune.items() if v},
@@ -120,7 +141,14 @@ class RankAllocationCallback(Callback):
             "ranks": ranks,
             "importance": plan.importance,
         }
-        self.records.append(record)
+        self.event_log.append(record)
+        if not trainer.is_global_zero:
+            return
+        log.info(
+            "step %d: allocation event %d: pruned %d, grown %d, soft-masked %d, skipped at capacity %d; "
+            "total live rank %d (budget %s)", plan.step, self.events, sum(record["pruned"].values()),
+            sum(record["grown"].values()), record["soft_masked"], plan.skipped_full, record["total_rank"], plan.budget,
+        )
         metrics = {
             "alloc/events": float(self.events),
             "alloc/total_rank": float(record["total_rank"]),
@@ -130,31 +158,26 @@ class RankAllocationCallback(Callback):
         }
         if plan.budget is not None:
             metrics["alloc/budget"] = float(plan.budget)
-        if trainer.is_global_zero:
-            log.info(
-                "step %d: allocation event %d: pruned %d, grown %d, soft-masked %d; total live rank %d (budget %s)",
-                plan.step, self.events, metrics["alloc/pruned"], metrics["alloc/grown"], record["soft_masked"],
-                record["total_rank"], plan.budget,
-            )
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=plan.step)
-            for listener in self.listeners:
-                listener(record)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=plan.step)
+        for listener in self.listeners:
+            listener(self.event_log.records[-1])
 
     # ------------------------------------------------------------------ checkpoint state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "allocator": self.allocator.state_dict() if self.allocator is not None else None,
             "generator": self.generator.get_state(),
             "events": self.events,
             "last_step": self.last_step,
-            "records": self.records,
+            "records": list(self.event_log.records),
             "rng": _get_rng_state(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = state_dict
-        self._pending_rng = state_dict.get("rng")
 
     def _restore(self, state: dict[str, Any]) -> None:
         assert self.allocator is not None
@@ -163,7 +186,10 @@ class RankAllocationCallback(Callback):
         self.generator.set_state(state["generator"])
         self.events = int(state["events"])
         self.last_step = int(state["last_step"])
-        self.records = list(state.get("records", []))
+        # the file is cut back to the checkpoint's events: what a killed run wrote later is redone, never doubled
+        self.event_log.reset(state.get("records", []))
+        if state.get("rng") is not None:  # continue the dropout stream where the checkpoint left it
+            _set_rng_state(state["rng"])
 
 
 def _get_rng_state() -> dict[str, Any]:

@@ -1,95 +1,76 @@
-"""The LightningModule: a Hugging Face classifier with slot adapters, trained on one task."""
+"""The LightningModule: any task family's backbone with slot adapters (LoRA, AdaLoRA or FlexLoRA alike)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.optim import Optimizer
-from torchmetrics import MetricCollection
-from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
-from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from transformers import get_linear_schedule_with_warmup
 
 from flexlora.adapters import SlotLoRALayer, inject, orthogonality_penalty
-from flexlora.allocators import AllocatorConfig, allocator_config
-from flexlora.data.tasks import TaskSpec, task_spec
+from flexlora.allocators.config import AllocatorConfig, allocator_config
 from flexlora.errors import FlexLoRAError
-from flexlora.models import build_classifier
+from flexlora.families import EvalRecords, Family, make_family
+from flexlora.faults import fault_point
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "LayerNorm.bias")
 
 
-def build_metrics(spec: TaskSpec, prefix: str) -> MetricCollection:
-    """The task's official GLUE metrics (CoLA MCC, STS-B Pearson/Spearman, MRPC/QQP acc+F1, else acc)."""
-    factories: dict[str, Callable[[], Any]] = {
-        "accuracy": lambda: Accuracy(task="multiclass", num_classes=spec.num_labels),
-        "f1": lambda: F1Score(task="binary"),
-        "mcc": lambda: MatthewsCorrCoef(task="binary"),
-        "pearson": PearsonCorrCoef,
-        "spearman": SpearmanCorrCoef,
-    }
-    return MetricCollection({name: factories[name]() for name in spec.metrics}, prefix=f"{prefix}/")
-
-
-class FlexLoRAModule(L.LightningModule):
-    """Hosts the adapted backbone. Loss = task loss + orth_reg * orthogonality penalty, added explicitly.
+class AdaptedBackboneModule(L.LightningModule):
+    """Hosts a backbone whose target matrices carry slot adapters; the task family supplies model, loss and
+    evaluation. Loss = task loss + orth_reg * orthogonality penalty, added explicitly.
 
     ``optimizer`` is a partial (Hydra ``_partial_: true``) that receives the named param groups; the
-    default is :class:`flexlora.optim.SlotAdamW`, which every allocator shares.
+    default is :class:`flexlora.optim.SlotAdamW`, which every allocator shares. Every evaluation gathers the
+    per-example predictions of each split (across processes under DDP) and computes the official metrics
+    from them once; ``last_metrics`` / ``last_records`` keep the latest evaluation for metrics.json and
+    predictions.jsonl.
     """
 
     def __init__(
         self,
         backbone: Mapping[str, Any],
         allocator: Mapping[str, Any],
-        task: str,
+        task: Mapping[str, Any],
         optimizer: Callable[..., Optimizer],
-        warmup_steps: int | float = 0,
-        eval_splits: Sequence[str] = ("val",),
+        warmup_steps: float = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
-        self.spec = task_spec(task)
+        # logger=False: the run's full Hydra config is what loggers get (train.py); these would overwrite it.
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        self.family: Family = make_family(task, backbone, seed)
         self.allocator_config: AllocatorConfig = allocator_config(allocator)
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
-        self.eval_splits = list(eval_splits)
-        self.model = build_classifier(backbone, self.spec.num_labels)
+        self.eval_splits = self.family.eval_splits
+        self.model = self.family.build_model()
         generator = torch.Generator().manual_seed(seed)
         self.adapters: dict[str, SlotLoRALayer] = inject(
             self.model, _targets(backbone["target_modules"]), head_modules=list(backbone.get("head_modules") or []),
             generator=generator, **self.allocator_config.adapter_kwargs(),
         )
-        self.val_metrics = torch.nn.ModuleDict({s: build_metrics(self.spec, s) for s in self.eval_splits})
         self.eval_history: list[dict[str, float]] = []
+        self.last_metrics: dict[str, float] = {}
+        self.last_records: dict[str, EvalRecords] = {}
+        self.degenerate: dict[str, str] = {}
+        self._collected: dict[str, EvalRecords] = {}
         # A pretrained backbone is reloaded from its source, so checkpoints hold only what training changes.
         self.base_is_reloadable = bool(backbone.get("pretrained"))
         self.strict_loading = not self.base_is_reloadable
 
     # ------------------------------------------------------------------ steps
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return self.model(**inputs).logits
-
-    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.spec.is_regression:
-            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-        return F.cross_entropy(logits.float(), labels)
-
     def on_train_epoch_start(self) -> None:
         self.model.train()  # never inherit eval mode from loading or from a validation loop
 
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
-        task_loss = self.task_loss(logits, batch["labels"])
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        task_loss = self.family.training_loss(self.model, batch)
         loss = task_loss
         gamma = self.allocator_config.orth_reg
-        if gamma > 0:
+        if gamma > 0 and self.allocator_config.form == "svd":  # LoRA has no orthogonality penalty
             penalty = orthogonality_penalty(self.adapters.values(), self.allocator_config.orth_form)
             loss = loss + gamma * penalty
             self.log("train/orth", penalty.detach(), on_step=True, on_epoch=False)
@@ -98,32 +79,47 @@ class FlexLoRAModule(L.LightningModule):
                 f"the training loss is {loss.item()} at optimizer step {self.global_step + 1}; training stopped and "
                 "the last good checkpoint is kept. Lower the learning rate or check the data"
             )
-        batch_size = batch["labels"].shape[0]
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
-        self.log("train/task_loss", task_loss.detach(), on_step=True, on_epoch=False, batch_size=batch_size)
-        for group in self.trainer.optimizers[0].param_groups if self._trainer is not None else []:
-            self.log(f"train/lr_{group.get('name', 'group')}", group["lr"], on_step=True, on_epoch=False)
+        size = self.family.batch_size(batch)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        self.log("train/task_loss", task_loss.detach(), on_step=True, on_epoch=False, batch_size=size)
         return loss
 
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_epoch_start(self) -> None:
+        self._collected = {split: EvalRecords() for split in self.eval_splits}
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        fault_point("validation")
         split = self.eval_splits[dataloader_idx]
-        logits = self(batch)
-        labels = batch["labels"]
-        loss = self.task_loss(logits, labels)
-        self.log(f"{split}/loss", loss, on_epoch=True, add_dataloader_idx=False, batch_size=labels.shape[0],
-                 sync_dist=True)
-        preds = logits.squeeze(-1).float() if self.spec.is_regression else logits.argmax(dim=-1)
-        self.val_metrics[split].update(preds, labels)
+        self._collected[split].extend(self.family.evaluate_batch(self.model, batch, split))
 
     def on_validation_epoch_end(self) -> None:
-        results: dict[str, float] = {}
+        per_split: dict[str, dict[str, float]] = {}
+        records: dict[str, EvalRecords] = {}
         for split in self.eval_splits:
-            values = self.val_metrics[split].compute()
-            self.val_metrics[split].reset()
-            self.log_dict(values, prog_bar=True, add_dataloader_idx=False)
-            results.update({k: float(v) for k, v in values.items()})
-        if not self.trainer.sanity_checking:
-            self.eval_history.append({"step": self.global_step, **results})
+            records[split] = self._gather(self._collected.get(split, EvalRecords()))
+            per_split[split] = self.family.metrics(split, records[split]) if records[split].idx else {}
+        metrics = {k: v for values in per_split.values() for k, v in values.items()}
+        metrics.update(self.family.summary_metrics(per_split))
+        metrics.update(self.family.model_metrics(self.model, self.adapters))
+        self._collected = {}
+        if self.trainer.sanity_checking:
+            return
+        self.log_dict({k: float(v) for k, v in metrics.items()}, add_dataloader_idx=False)
+        self.last_metrics, self.last_records = metrics, records
+        self.degenerate = {s: why for s, r in records.items() if (why := self.family.degenerate(r))}
+        self.eval_history.append({"step": self.global_step, **metrics})
+
+    def _gather(self, records: EvalRecords) -> EvalRecords:
+        """Every process's records of a split, merged in example order (identical on all processes)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * world
+            torch.distributed.all_gather_object(parts, records)
+            merged = EvalRecords()
+            for part in parts:
+                merged.extend(part)
+            records = merged
+        return records.sorted()
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:
@@ -167,11 +163,13 @@ class FlexLoRAModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.trained_state_dict()
+        checkpoint["eval_history"] = list(self.eval_history)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(set(self.trained_state_dict()) - set(checkpoint["state_dict"]))
         if missing:
             raise FlexLoRAError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {missing[:3]}")
+        self.eval_history = list(checkpoint.get("eval_history", []))
 
     # ------------------------------------------------------------------ reporting
     def rank_pattern(self) -> dict[str, int]:

@@ -1,0 +1,85 @@
+"""Sequence classification and regression on text encoders: GLUE (hub or canonical TSVs) and tweets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexlora.families.base import EvalRecords, Family, TaskData
+
+
+class ClassificationFamily(Family):
+    """GLUE and tweets: a classifier head on an encoder, cross-entropy (MSE for STS-B)."""
+
+    def load_data(self) -> TaskData:
+        import datasets
+        from transformers import DataCollatorWithPadding
+
+        from flexlora.backbones.text import load_tokenizer
+        from flexlora.data.glue import load_glue, tokenize, tune_split
+
+        task = self.task
+        if self.spec.name == "tweets":
+            from flexlora.data.tweets import load_tweets
+
+            raw = datasets.DatasetDict({
+                split: datasets.Dataset.from_dict({**columns, "idx": list(range(len(columns["label"])))})
+                for split, columns in load_tweets().items()
+            })
+        else:
+            raw = load_glue(self.spec, task.get("data_dir"), task.get("hub_id") or "nyu-mll/glue")
+        if task.get("split") == "tune":
+            train, held_out = tune_split(raw["train"], seed=int(task.get("tune_seed", 0)))
+            raw = datasets.DatasetDict({"train": train, "tune": held_out})
+        raw = datasets.DatasetDict({name: _first(split, self._limit(name)) for name, split in raw.items()})
+        tokenizer = load_tokenizer(self.backbone)
+        splits = tokenize(raw, tokenizer, int(task.get("max_length", 128)))
+        collate = DataCollatorWithPadding(tokenizer)
+        return TaskData(
+            train=splits["train"].with_format("torch"),
+            evals={name: splits[name].with_format("torch") for name in self.eval_splits},
+            train_collate=collate, eval_collate=collate,
+        )
+
+    def _limit(self, split: str) -> int | None:
+        key = "max_train_samples" if split == "train" else "max_eval_samples"
+        value = self.task.get(key)
+        return int(value) if value is not None else None
+
+    def build_model(self) -> nn.Module:
+        from flexlora.backbones.text import build_classifier
+
+        assert self.spec.num_labels is not None
+        return build_classifier(self.backbone, self.spec.num_labels)
+
+    @staticmethod
+    def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "idx")}
+        return model(**inputs).logits
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        if self.regression:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction=reduction)
+        return F.cross_entropy(logits.float(), labels, reduction=reduction)
+
+    def training_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self._loss(self._logits(model, batch), batch["labels"])
+
+    def evaluate_batch(self, model: nn.Module, batch: Any, split: str) -> EvalRecords:
+        logits = self._logits(model, batch)
+        labels = batch["labels"]
+        loss = self._loss(logits, labels, reduction="sum")
+        if self.regression:
+            predictions = logits.squeeze(-1).float().tolist()
+            scores = None
+        else:
+            predictions = logits.argmax(dim=-1).tolist()
+            scores = [[round(p, 6) for p in row] for row in logits.float().softmax(dim=-1).tolist()]
+        return EvalRecords(batch["idx"].tolist(), labels.tolist(), predictions, scores, float(loss), len(predictions))
+
+
+def _first(split: Any, limit: int | None) -> Any:
+    return split.select(range(limit)) if limit is not None and limit < len(split) else split

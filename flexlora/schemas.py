@@ -1,0 +1,139 @@
+"""Config schemas of the backbone and task groups (the allocator schemas live in flexlora.allocators.config).
+
+Registered with Hydra's ConfigStore by :mod:`flexlora.conf_store`, so a wrong type, an unknown field or a
+value outside a ``Literal`` fails when the config is composed; every field documents itself in
+``metadata["help"]``. Light (no torch), like the allocator schemas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+BackboneFamily = Literal["classification", "causal_lm", "image", "synthetic"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+Split = Literal["test", "tune"]
+EvalProtocol = Literal["loglik", "generate"]
+Spectrum = Literal["flat", "decaying"]
+
+
+@dataclass
+class BackboneConfig:
+    name: str = field(default="???", metadata={"help": "the backbone's name (the file name in conf/backbone)"})
+    family: BackboneFamily = field(default="classification", metadata={"help": "task family the backbone serves"})
+    hub_id: str | None = field(
+        default=None, metadata={"help": "canonical Hugging Face Hub id, recorded in exported adapters"}
+    )
+    pretrained: str | None = field(
+        default=None, metadata={"help": "hub id, local save_pretrained folder, or pkg:<python package>"}
+    )
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside the pretrained folder or package"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer source; null = pretrained"})
+    from_config: dict[str, Any] | None = field(
+        default=None, metadata={"help": "model_type + config kwargs of a random model (no weights)"}
+    )
+    config: dict[str, Any] = field(
+        default_factory=lambda: {}, metadata={"help": "overrides of the Hugging Face config, e.g. {cls_dropout: 0.1}"}
+    )
+    dtype: Dtype | None = field(default=None, metadata={"help": "parameter dtype; null = as loaded"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward (large causal LMs)"}
+    )
+    target_modules: Any = field(
+        default="???", metadata={"help": "adapted Linear/Conv1D modules: a full-match regex or a list of name suffixes"}
+    )
+    head_modules: list[str] = field(
+        default_factory=lambda: [], metadata={"help": "modules trained in full besides the adapters (the task head)"}
+    )
+    image_size: int | None = field(default=None, metadata={"help": "input resolution of a config-built vision model"})
+    processor: dict[str, Any] | None = field(
+        default=None, metadata={"help": "image processor kwargs (config-built) or overrides (pretrained)"}
+    )
+    target_preset: str | None = field(
+        default=None, metadata={"help": "name of a target_presets entry (ViT: mlp | attn)"}
+    )
+    target_presets: dict[str, Any] | None = field(default=None, metadata={"help": "named target-module choices"})
+
+
+@dataclass
+class TaskConfig:
+    name: str = field(default="???", metadata={"help": "task name (flexlora.tasks.TASKS)"})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "local data folder; GLUE: null = the Hugging Face Hub"}
+    )
+    split: Split = field(
+        default="test",
+        metadata={"help": "test: report on the evaluation set; tune: hold out part of the training data"},
+    )
+    batch_size: int = field(default=32, metadata={"help": "training batch size (per process)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "evaluation batch size (per process)"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "cap on training examples (quick experiments)"}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "cap on evaluation examples per split"})
+
+
+@dataclass
+class GlueTaskConfig(TaskConfig):
+    hub_id: str = field(default="nyu-mll/glue", metadata={"help": "hub dataset used when data_dir is null"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example (truncation)"})
+    tune_seed: int = field(
+        default=0, metadata={"help": "split=tune: seed of the held-out part (independent of the run's seed)"}
+    )
+
+
+@dataclass
+class CommonsenseTaskConfig(TaskConfig):
+    train_sets: list[str] | None = field(
+        default=None, metadata={"help": "set folders to train on; null = every folder with a train.json"}
+    )
+    eval_sets: list[str] = field(
+        default_factory=lambda: [
+            "boolq",
+            "piqa",
+            "social_i_qa",
+            "hellaswag",
+            "winogrande",
+            "ARC-Easy",
+            "ARC-Challenge",
+            "openbookqa",
+        ],
+        metadata={"help": "sets to evaluate (<data_dir>/<set>/test.json)"},
+    )
+    eval_protocol: EvalProtocol = field(
+        default="loglik", metadata={"help": "generate: greedy decoding (the papers') | loglik: candidate scoring"}
+    )
+    cutoff_len: int = field(default=256, metadata={"help": "training tokens per example (LLM-Adapters' cutoff_len)"})
+    max_new_tokens: int = field(default=32, metadata={"help": "generate protocol: tokens to decode"})
+    eval_batch_size: int = field(default=16, metadata={"help": "evaluation items per batch"})
+
+
+@dataclass
+class VTABTaskConfig(TaskConfig):
+    pass
+
+
+@dataclass
+class RankRecoveryTaskConfig(TaskConfig):
+    budget_rank: int = field(
+        default=8, metadata={"help": "teacher ranks sum to n x budget_rank (set it to the allocator's final rank)"}
+    )
+    max_target_rank: int | None = field(default=None, metadata={"help": "largest teacher rank; null = 2 x budget_rank"})
+    spectrum: Spectrum = field(
+        default="flat", metadata={"help": "teacher singular values: flat | decaying (geometric)"}
+    )
+    update_scale: float = field(default=0.5, metadata={"help": "teacher update norm relative to the base weight norm"})
+    teacher_seed: int | None = field(
+        default=None, metadata={"help": "seed of the teacher and the data; null = the run's seed"}
+    )
+    n_train: int = field(default=4096, metadata={"help": "training examples"})
+    n_val: int = field(default=1024, metadata={"help": "validation examples"})
+
+
+TASK_SCHEMAS: dict[str, type[TaskConfig]] = {
+    "glue_schema": GlueTaskConfig,
+    "commonsense_schema": CommonsenseTaskConfig,
+    "vtab_schema": VTABTaskConfig,
+    "rank_recovery_schema": RankRecoveryTaskConfig,
+}
