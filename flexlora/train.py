@@ -16,7 +16,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from flexlora.allocators.config import allocator_config
@@ -61,23 +61,42 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, Any, L.Trainer, Any]:
     resolved = OmegaConf.create(plain)  # interpolations resolved, Enums as strings: what the library expects
     output_dir = Path(plain["paths"]["output_dir"])
     L.seed_everything(plain["seed"], workers=True)
-    datamodule = hydra.utils.instantiate(resolved.data)
-    module = hydra.utils.instantiate(resolved.model)
+    datamodule = instantiate(resolved.data)
+    module = instantiate(resolved.model)
     allocation = RankAllocationCallback(seed=plain["seed"])
     callbacks: list[L.Callback] = [allocation, RankReporter(output_dir, allocation, **(plain.get("report") or {}))]
     show_progress = plain["trainer"].get("enable_progress_bar", True)
+    loggers = [instantiate(entry) for entry in _targets(resolved.get("logger"))]
     for entry in _targets(resolved.get("callbacks")):
-        callback = hydra.utils.instantiate(entry)
-        if show_progress or not isinstance(callback, ProgressBar):
-            callbacks.append(callback)
+        callback = instantiate(entry)
+        if isinstance(callback, ProgressBar) and not show_progress:
+            continue
+        callbacks.append(callback)
+    if loggers and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+        callbacks.append(LearningRateMonitor(logging_interval="step"))  # the learning rate, whenever there is a logger
     callbacks.append(PreemptionCheckpoint(output_dir / "checkpoints"))
-    loggers = [hydra.utils.instantiate(entry) for entry in _targets(resolved.get("logger"))]
-    trainer: L.Trainer = hydra.utils.instantiate(
+    trainer: L.Trainer = instantiate(
         resolved.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
     for logger in trainer.loggers:  # the whole composed config, intact (the module logs no hyperparameters)
         logger.log_hyperparams(plain)
     return datamodule, module, trainer, allocation
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, but a user error raised while building keeps its one-line message (Hydra would
+    wrap it in an InstantiationException with a traceback-style preamble)."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, FlexLoRAError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def _targets(group: DictConfig | None) -> list[DictConfig]:

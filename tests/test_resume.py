@@ -76,7 +76,7 @@ def test_resume_in_process_matches_uninterrupted(tmp_path, glue_dir, allocator):
     assert ref_state.keys() == state.keys()
     for key in ref_state:
         torch.testing.assert_close(state[key], ref_state[key], rtol=0, atol=1e-6, msg=key)
-    assert [r["step"] for r in allocation.records] == [r["step"] for r in ref_alloc.records]
+    assert [r["step"] for r in allocation.event_log.events()] == [r["step"] for r in ref_alloc.event_log.events()]
 
 
 def test_checkpoint_holds_only_trained_tensors_for_pretrained_backbones(tmp_path, glue_dir):

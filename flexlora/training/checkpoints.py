@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,8 @@ class PreemptionCheckpoint(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or not hasattr(signal, "SIGUSR1"):
-            return
+        if stage != "fit" or not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
+            return  # signal handlers live in the main thread only (as Lightning's own)
         # SIGTERM is Lightning's: it sets trainer.received_sigterm and stops after the step; we only add the save.
         self._previous[signal.SIGUSR1] = signal.getsignal(signal.SIGUSR1)
         signal.signal(signal.SIGUSR1, self._handler)
