@@ -66,7 +66,8 @@ def main() -> None:
     trainer.fit(module, datamodule=datamodule)
     result = {"rank": trainer.global_rank, "events": allocation.events, "rows": gather.rows,
               "own_plans": {str(k): v for k, v in skew.local_plans.items()},
-              "applied": [{"step": r["step"], "pruned": r["pruned"], "grown": r["grown"]} for r in allocation.event_log.events()]}
+              "applied": [{"step": r["step"], "pruned": r["pruned"], "grown": r["grown"]}
+                          for r in allocation.event_log.events()]}
     Path(f"{out}.rank{trainer.global_rank}").write_text(json.dumps(result))
 
 

@@ -66,10 +66,10 @@ def test_commonsense_family_on_tiny_llama(tmp_path):
 
 
 def test_commonsense_generate_protocol_and_missing_set(tmp_path):
-    metrics, rows = run(tmp_path, "backbone=tiny_llama", "task=commonsense", f"task.data_dir={SHARED / 'commonsense'}",
-                        "task.eval_sets=[boolq]", "task.eval_protocol=generate", "task.max_eval_samples=4",
-                        "task.max_new_tokens=4", "task.max_train_samples=16", "task.cutoff_len=64",
-                        "trainer.max_steps=8", "allocator=lora")
+    _, rows = run(tmp_path, "backbone=tiny_llama", "task=commonsense", f"task.data_dir={SHARED / 'commonsense'}",
+                  "task.eval_sets=[boolq]", "task.eval_protocol=generate", "task.max_eval_samples=4",
+                  "task.max_new_tokens=4", "task.max_train_samples=16", "task.cutoff_len=64",
+                  "trainer.max_steps=8", "allocator=lora")
     assert len(rows) == 4 and all("output" in r for r in rows)
     from flexlora.errors import FlexLoRAError
 
@@ -79,8 +79,9 @@ def test_commonsense_generate_protocol_and_missing_set(tmp_path):
 
 
 def test_vtab_family_on_tiny_vit(tmp_path):
-    metrics, rows = run(tmp_path, "backbone=tiny_vit", "task=vtab", f"task.data_dir={SHARED / 'vtab-1k' / 'fashion_mnist'}",
-                        "task.max_eval_samples=64", "trainer.max_steps=12", "task.batch_size=16")
+    vtab = SHARED / "vtab-1k" / "fashion_mnist"
+    metrics, rows = run(tmp_path, "backbone=tiny_vit", "task=vtab", f"task.data_dir={vtab}", "task.max_eval_samples=64",
+                        "trainer.max_steps=12", "task.batch_size=16")
     assert set(metrics["final"]) == {"test/accuracy", "test/loss"} and metrics["events"] > 0
     assert len(rows) == 64 and {r["split"] for r in rows} == {"test"} and all(0 <= r["prediction"] < 10 for r in rows)
     assert metrics["final"]["test/accuracy"] == pytest.approx(sum(r["label"] == r["prediction"] for r in rows) / 64)

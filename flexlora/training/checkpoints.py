@@ -108,7 +108,8 @@ class PreemptionCheckpoint(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
+        main_thread = threading.current_thread() is threading.main_thread()
+        if stage != "fit" or not hasattr(signal, "SIGUSR1") or not main_thread:
             return  # signal handlers live in the main thread only (as Lightning's own)
         # SIGTERM is Lightning's: it sets trainer.received_sigterm and stops after the step; we only add the save.
         self._previous[signal.SIGUSR1] = signal.getsignal(signal.SIGUSR1)
