@@ -111,7 +111,9 @@ class CommonsenseTaskConfig(TaskConfig):
 
 @dataclass
 class VTABTaskConfig(TaskConfig):
-    pass
+    num_classes: int | None = field(
+        default=None, metadata={"help": "classes; null = the VTAB-1k table's count for a known task, else read"}
+    )
 
 
 @dataclass

