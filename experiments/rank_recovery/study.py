@@ -107,8 +107,8 @@ def report() -> str:
             continue
         base = results.get((spectrum, "flexlora"), {})
         lines += [f"### {spectrum} spectrum", "",
-                  "| arm | n | rel. MSE | Spearman | energy | skipped at capacity | vs FlexLoRA: rel. MSE diff [95 % CI] "
-                  "(sign test) | vs FlexLoRA: energy diff [95 % CI] (sign test) |",
+                  "| arm | n | rel. MSE | Spearman | energy | skipped at capacity | vs FlexLoRA: rel. MSE diff "
+                  "[95 % CI] (sign test) | vs FlexLoRA: energy diff [95 % CI] (sign test) |",
                   "|---|---|---|---|---|---|---|---|"]
         for arm in arms:
             runs = results[(spectrum, arm)]

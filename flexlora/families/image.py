@@ -18,10 +18,8 @@ class ImageFamily(Family):
 
     @functools.cached_property
     def splits(self) -> Any:
-        from flexlora.data.vtab import load_vtab_splits
+        from flexlora.data.vtab import VTAB_TASKS, load_vtab_splits
         from flexlora.errors import FlexLoRAError
-
-        from flexlora.data.vtab import VTAB_TASKS
 
         if not self.task.get("data_dir"):
             raise FlexLoRAError("task=vtab needs task.data_dir=<vtab-1k folder>/<task>, e.g. vtab-1k/cifar")
