@@ -126,17 +126,20 @@ def test_loglik_matches_naive_reference_and_ignores_padding(lm, tok):
     assert len({len(i.prompt_ids) for i in items}) == 3
     lm.train()
     lm.model.layers[0].eval()  # a submodule in its own mode must get it back
-    together = loglik_predict(lm, tok, items, batch_size=len(items))
-    alone = [loglik_predict(lm, tok, [item], batch_size=1)[0] for item in items]
+    together = loglik_predict(lm, tok, items, batch_size=len(items), shared_prefix=False)
+    alone = [loglik_predict(lm, tok, [item], batch_size=1, shared_prefix=False)[0] for item in items]
+    shared = loglik_predict(lm, tok, items)  # the prompt once per item through a KV cache (the default)
     assert lm.training and not lm.model.layers[0].training and lm.model.layers[1].training
     lm.train()
     lm.eval()
     reference = [naive_scores(lm, tok, item) for item in items]
     lm.train()
-    for item, (pred, scores), (pred1, scores1), ref in zip(items, together, alone, reference, strict=True):
+    for item, (pred, scores), (pred1, scores1), (pred2, scores2), ref in zip(items, together, alone, shared,
+                                                                              reference, strict=True):
         assert len(scores) == len(item.candidates)
         assert scores == pytest.approx(scores1, abs=1e-4) and scores == pytest.approx(ref, abs=1e-4)
-        assert pred == pred1 == item.candidates[max(range(len(ref)), key=ref.__getitem__)]
+        assert scores2 == pytest.approx(ref, abs=1e-4)
+        assert pred == pred1 == pred2 == item.candidates[max(range(len(ref)), key=ref.__getitem__)]
     # items built without a tokenizer are tokenised on the fly, to the same scores
     bare = [EvalItem(i.idx, i.prompt, i.gold, i.candidates, i.set_name) for i in items]
     for (_, a), (_, b) in zip(loglik_predict(lm, tok, bare, 2), together, strict=True):

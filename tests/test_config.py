@@ -164,3 +164,17 @@ def test_schedule_overrides_apply_to_every_allocator():
     for allocator in options("allocator"):
         cfg = make([f"allocator={allocator}", "allocator.t_init=2", "allocator.t_final=2", "allocator.delta_t=1"])
         assert (cfg.allocator.t_init, cfg.allocator.t_final, cfg.allocator.delta_t) == (2, 2, 1)
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+@pytest.mark.parametrize("allocator", ["lora", "adalora", "flexlora"])
+def test_every_experiment_composes_to_valid_allocators(experiment, allocator):
+    overrides = [f"+experiment={experiment}", f"allocator={allocator}"]
+    if experiment == "llama_commonsense":
+        overrides.append("task.data_dir=/data/commonsense")
+    cfg = resolve(make(overrides))
+    config = allocator_config(cfg["allocator"])
+    assert config.name == allocator and cfg["optimized_metric"]
+    if allocator == "adalora":  # every method ends at the same total budget
+        flex = resolve(make([*overrides[:1], "allocator=flexlora", *overrides[2:]]))["allocator"]
+        assert config.target_rank == flex["rank"]

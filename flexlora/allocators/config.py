@@ -174,7 +174,7 @@ class FlexLoRAConfig(AllocatorConfig):
         },
     )
     grow_std: float = field(
-        default=1.0, metadata={"help": "std of a new slot's P column and Q row (released code: 1.0)"}
+        default=0.1, metadata={"help": "std of a new slot's P column and Q row; 1.0 = the released code (README)"}
     )
     grow_value: float = field(
         default=1e-3, metadata={"help": "grow_init=small_value: effective singular value (alpha/r0)|lambda||p||q|"}

@@ -150,14 +150,59 @@ def _score_rows(model: torch.nn.Module, rows: list[list[int]], starts: list[int]
     return scores
 
 
+@torch.no_grad()
+def _score_item_shared_prefix(model: torch.nn.Module, rows: list[list[int]], starts: list[int]) -> list[float]:
+    """The same scores as :func:`_score_rows` for one item's candidates, with the prompt run once.
+
+    The candidates share the prompt (and "the correct answer is"): that common prefix goes through the model
+    once with a KV cache, the cache is repeated per candidate, and only the differing suffixes are run. On a
+    CPU this is 3-4x fewer token forwards for 4-5 candidates of a 150-token prompt.
+    """
+    device = next(model.parameters()).device
+    common = min(len(r) for r in rows)
+    for i in range(common):
+        if any(r[i] != rows[0][i] for r in rows):
+            common = i
+            break
+    first = min(starts) - 1  # the first position whose logits a score needs
+    common = max(common, first + 1)  # a prefix ending before every needed logit gives nothing to share
+    if common >= max(len(r) for r in rows) or any(len(r) < common or r[:common] != rows[0][:common] for r in rows):
+        return _score_rows(model, rows, starts, 0)
+    prefix = torch.tensor([rows[0][:common]], device=device)
+    out = model(input_ids=prefix, use_cache=True)
+    prefix_logp = out.logits[0].float().log_softmax(-1)  # position j predicts token j + 1
+    cache = out.past_key_values
+    width = max(len(r) for r in rows) - common
+    suffix = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), common + width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        tail = row[common:]
+        suffix[r, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+        mask[r, : common + len(tail)] = 1
+    cache.batch_repeat_interleave(len(rows))
+    suffix_logp = model(input_ids=suffix.to(device), attention_mask=mask.to(device), past_key_values=cache,
+                        use_cache=True).logits.float().log_softmax(-1)  # [r, j] predicts suffix token j + 1
+    scores = []
+    for r, row in enumerate(rows):
+        total = 0.0
+        for t in range(starts[r], len(row)):
+            logp = prefix_logp[t - 1] if t - 1 < common else suffix_logp[r, t - 1 - common]
+            total += float(logp[row[t]])
+        scores.append(total)
+    return scores
+
+
 def loglik_predict(
-    model: torch.nn.Module, tokenizer: Any, items: Sequence[EvalItem], batch_size: int = 4
+    model: torch.nn.Module, tokenizer: Any, items: Sequence[EvalItem], batch_size: int = 4,
+    shared_prefix: bool = True,
 ) -> list[tuple[str, list[float]]]:
     """Per item: the candidate whose "the correct answer is <label>" is most likely after the prompt (first
     on ties), with every candidate's summed log-probability.
 
-    ``batch_size`` counts items per forward call; all candidates of an item are rows of the same call, and
-    items are grouped by length to waste little on padding (the results keep the order of ``items``).
+    ``shared_prefix`` (default, for models with a KV cache): per item, the prompt runs once and only the
+    candidates' differing suffixes run per candidate. Otherwise ``batch_size`` counts items per forward call; all
+    candidates of an item are rows of the same call, and items are grouped by length to waste little on padding.
+    Both give the same scores (tested); the results keep the order of ``items``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -169,11 +214,15 @@ def loglik_predict(
         plans.append((rows, [_response_start(item.prompt_ids, r) for r in rows]))
     order = sorted(range(len(items)), key=lambda i: max(len(r) for r in plans[i][0]))
     results: list[tuple[str, list[float]] | None] = [None] * len(items)
+    shared = shared_prefix and _accepts(model, "past_key_values")
     with _EvalMode(model):
-        for chunk in _chunks(order, batch_size):
+        for chunk in _chunks(order, 1 if shared else batch_size):
             rows = [row for i in chunk for row in plans[i][0]]
             starts = [s for i in chunk for s in plans[i][1]]
-            scores = _score_rows(model, rows, starts, pad_id)
+            if shared:
+                scores = _score_item_shared_prefix(model, rows, starts)
+            else:
+                scores = _score_rows(model, rows, starts, pad_id)
             pos = 0
             for i in chunk:
                 k = len(plans[i][0])
