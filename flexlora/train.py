@@ -131,13 +131,17 @@ def train(cfg: DictConfig) -> float | None:
     try:
         if ckpt is not None:
             log.info("resuming from %s", ckpt)
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-        except BaseException as err:
-            if is_stop_signal(err):
-                log.warning("stopped by a signal at step %d; rerun the same command to resume", trainer.global_step)
-                raise SystemExit(getattr(err, "code", None) or 143) from None
-            raise
+        if trainer.max_steps == 0:  # evaluation only: the untrained model (adapters at zero impact), e.g. a floor
+            log.info("trainer.max_steps=0: evaluating without training")
+        else:
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+            except BaseException as err:
+                if is_stop_signal(err):
+                    log.warning("stopped by a signal at step %d; rerun the same command to resume",
+                                trainer.global_step)
+                    raise SystemExit(getattr(err, "code", None) or 143) from None
+                raise
         trainer.validate(module, datamodule=datamodule, verbose=False)
         result = _results(cfg, module, trainer, allocation, started)
         if trainer.is_global_zero:

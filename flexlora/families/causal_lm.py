@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -93,8 +94,10 @@ class CausalLMFamily(Family):
         train = [{**tokenize_for_training(r, tokenizer, cutoff), "idx": i} for i, r in enumerate(records)]
         evals = {}
         for name in self.eval_splits:
-            items = eval_items(read_records(root / name / "test.json", name), name, tokenizer)
-            evals[name] = _sample(items, self.task.get("max_eval_samples"))
+            records = read_records(root / name / "test.json", name)
+            keep = _sample(list(range(len(records))), self.task.get("max_eval_samples"))  # before tokenising
+            items = eval_items([records[i] for i in keep], name, tokenizer)
+            evals[name] = [replace(item, idx=i) for item, i in zip(items, keep, strict=True)]
         return TaskData(train=train, evals=evals, train_collate=CausalLMCollator(tokenizer.pad_token_id),
                         eval_collate=ItemBatch)
 

@@ -113,6 +113,11 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
         return False
 
 
+def _cache_argument(model: torch.nn.Module) -> str | None:
+    """The keyword a model takes its KV cache by (transformers 5: ``cache``; before: ``past_key_values``)."""
+    return next((name for name in ("cache", "past_key_values") if _accepts(model, name)), None)
+
+
 # ---------------------------------------------------------------- log-likelihood ranking
 @torch.no_grad()
 def _score_rows(model: torch.nn.Module, rows: list[list[int]], starts: list[int], pad_id: int) -> list[float]:
@@ -169,9 +174,10 @@ def _score_item_shared_prefix(model: torch.nn.Module, rows: list[list[int]], sta
     if common >= max(len(r) for r in rows) or any(len(r) < common or r[:common] != rows[0][:common] for r in rows):
         return _score_rows(model, rows, starts, 0)
     prefix = torch.tensor([rows[0][:common]], device=device)
-    out = model(input_ids=prefix, use_cache=True)
-    prefix_logp = out.logits[0].float().log_softmax(-1)  # position j predicts token j + 1
-    cache = out.past_key_values
+    out = model(input_ids=prefix, use_cache=True, logits_to_keep=common - first)
+    prefix_logp = out.logits[0].float().log_softmax(-1)  # row j predicts token first + j + 1
+    cache_arg = _cache_argument(model)
+    cache = getattr(out, cache_arg)
     width = max(len(r) for r in rows) - common
     suffix = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), common + width), dtype=torch.long)
@@ -180,13 +186,13 @@ def _score_item_shared_prefix(model: torch.nn.Module, rows: list[list[int]], sta
         suffix[r, : len(tail)] = torch.tensor(tail, dtype=torch.long)
         mask[r, : common + len(tail)] = 1
     cache.batch_repeat_interleave(len(rows))
-    suffix_logp = model(input_ids=suffix.to(device), attention_mask=mask.to(device), past_key_values=cache,
-                        use_cache=True).logits.float().log_softmax(-1)  # [r, j] predicts suffix token j + 1
+    suffix_logp = model(input_ids=suffix.to(device), attention_mask=mask.to(device), use_cache=True,
+                        **{cache_arg: cache}).logits.float().log_softmax(-1)  # [r, j] predicts suffix token j + 1
     scores = []
     for r, row in enumerate(rows):
         total = 0.0
         for t in range(starts[r], len(row)):
-            logp = prefix_logp[t - 1] if t - 1 < common else suffix_logp[r, t - 1 - common]
+            logp = prefix_logp[t - 1 - first] if t - 1 < common else suffix_logp[r, t - 1 - common]
             total += float(logp[row[t]])
         scores.append(total)
     return scores
@@ -214,7 +220,7 @@ def loglik_predict(
         plans.append((rows, [_response_start(item.prompt_ids, r) for r in rows]))
     order = sorted(range(len(items)), key=lambda i: max(len(r) for r in plans[i][0]))
     results: list[tuple[str, list[float]] | None] = [None] * len(items)
-    shared = shared_prefix and _accepts(model, "past_key_values")
+    shared = shared_prefix and _cache_argument(model) is not None and _accepts(model, "logits_to_keep")
     with _EvalMode(model):
         for chunk in _chunks(order, 1 if shared else batch_size):
             rows = [row for i in chunk for row in plans[i][0]]

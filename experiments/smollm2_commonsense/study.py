@@ -1,0 +1,66 @@
+"""The SmolLM2-135M commonsense study on CPU: the untuned floor, then LoRA / AdaLoRA / FlexLoRA, two seeds.
+
+    python experiments/smollm2_commonsense/study.py run [--shard 0/2]
+    python experiments/smollm2_commonsense/study.py report
+
+Every run is the framework's own train() with +experiment=smollm2_commonsense (loglik protocol, 300 items per
+set on the 7 local sets), written under multirun/smollm2_commonsense/<arm>/s<seed>/ (ignored by git); the floor
+is the same evaluation of the untrained model (trainer.max_steps=0: LoRA's B = 0, so the model is the base one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+RUNS = REPO / "multirun" / "smollm2_commonsense"
+sys.path.insert(0, str(REPO))
+
+JOBS = [("floor", 1, ["allocator=lora", "trainer.max_steps=0"])] + [
+    (method, seed, [f"allocator={method}"]) for seed in (1, 2) for method in ("lora", "adalora", "flexlora")
+]
+
+
+def run(shard: tuple[int, int]) -> None:
+    from flexlora.conf_store import register
+    from flexlora.train import train
+    from tests.helpers import compose_config
+
+    register()
+    for i, (arm, seed, overrides) in enumerate(JOBS):
+        out = RUNS / arm / f"s{seed}"
+        if i % shard[1] != shard[0] or (out / "metrics.json").is_file():
+            continue
+        train(compose_config("+experiment=smollm2_commonsense", "trainer.enable_progress_bar=false", f"seed={seed}",
+                             *overrides, output_dir=out))
+        print(f"done {arm} s{seed}", flush=True)
+
+
+def report() -> None:
+    from flexlora.aggregate.cli import main as aggregate
+
+    aggregate([str(RUNS / "floor"), str(RUNS / "lora"), str(RUNS / "adalora"), str(RUNS / "flexlora"),
+               "--rows", "allocator.name,trainer.max_steps", "--out", str(HERE)])
+    for a, b in (("flexlora", "adalora"), ("flexlora", "lora"), ("adalora", "lora")):
+        aggregate([str(RUNS / a), str(RUNS / b), "--compare", f"{a},{b}", "--out", str(HERE / f"compare_{a}_{b}")])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("phase", choices=("run", "report"))
+    parser.add_argument("--shard", default="0/1")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.phase == "report":
+        report()
+    else:
+        index, count = (int(x) for x in args.shard.split("/"))
+        run((index, count))
+
+
+if __name__ == "__main__":
+    main()
