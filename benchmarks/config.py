@@ -10,29 +10,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from benchmarks import REPO
 from benchmarks.modes import ADALORA, RunSpec, StepSetup
-from flexlora.conf_store import register, to_plain
+from flexlora.conf_store import compose, to_plain
 
-CONF = REPO / "conf"
+__all__ = ["COMMONSENSE_DIR", "allocator_values", "compose"]
 # the commonsense sets: $FLEXLORA_COMMONSENSE_DIR as in conf/task/commonsense.yaml, else the shared data folder
 COMMONSENSE_DIR = Path(os.environ.get("FLEXLORA_COMMONSENSE_DIR", REPO.parent / "shared" / "data" / "commonsense"))
-
-
-def compose(*overrides: str, output_dir: Path | None = None) -> DictConfig:
-    """The composed root config for ``overrides``; ``output_dir`` replaces Hydra's run folder."""
-    register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=output_dir is not None)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.pop("hydra")  # no HydraConfig singleton outside a Hydra app
-            cfg.paths.output_dir = str(output_dir)
-    return cfg
 
 
 def allocator_values(*overrides: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
@@ -73,3 +74,26 @@ def register() -> None:
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain Python (Enums as strings): what the library, metrics.json and loggers get."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(*overrides: str, output_dir: Path | None = None, conf_dir: Path = CONF_DIR) -> DictConfig:
+    """The composed root config for ``overrides``, as run.py would get it (for tests, benchmarks, studies).
+
+    ``output_dir`` replaces Hydra's run folder, and the Hydra node is dropped: outside a Hydra app there is no
+    HydraConfig singleton (and Lightning's DDP launcher would take the run for a Hydra app if there were).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    register()
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=output_dir is not None)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.pop("hydra")
+            cfg.paths.output_dir = str(output_dir)
+    return cfg

@@ -98,3 +98,21 @@ def token_batch() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 100, (3, 10), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# ---------------------------------------------------------------- the commonsense tests' tiny causal LM
+@pytest.fixture(scope="module")
+def tok():
+    from flexlora.backbones.causal_lm import load_causal_lm_tokenizer
+    from tests.commonsense_fixtures import backbone
+
+    return load_causal_lm_tokenizer(backbone("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from flexlora.backbones.causal_lm import load_causal_lm
+    from tests.commonsense_fixtures import backbone
+
+    torch.manual_seed(0)
+    return load_causal_lm(backbone("tiny_llama"))

@@ -4,24 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from flexlora.conf_store import register
+from flexlora.conf_store import compose as compose_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:
-    """The composed config for ``overrides`` (debug=tiny is not implied); ``output_dir`` replaces Hydra's."""
-    register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=output_dir is not None)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.pop("hydra")  # no HydraConfig singleton: Lightning's DDP launcher would treat the run as a Hydra app
-            cfg.paths.output_dir = str(output_dir)
-    return cfg
+__all__ = ["compose_config", "tiny_run_config"]
 
 
 def tiny_run_config(output_dir: Path, glue_dir: Path, *overrides: str) -> DictConfig:

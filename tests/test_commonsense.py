@@ -3,19 +3,11 @@ evaluation, and the causal-LM backbones (a random tiny LLaMA; SmolLM2 from the G
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import pytest
-import torch
-from omegaconf import OmegaConf
 
-from flexlora.backbones.causal_lm import load_causal_lm, load_causal_lm_tokenizer
 from flexlora.data.commonsense import (
     ALL_SETS,
     LABELS,
-    RESPONSE_TEMPLATE,
     CausalLMCollator,
     available_train_sets,
     candidates_for,
@@ -26,45 +18,11 @@ from flexlora.data.commonsense import (
     tokenize_for_training,
 )
 from flexlora.errors import FlexLoRAError
-
-REPO = Path(__file__).resolve().parents[1]
-README_TEST_COUNTS = {"boolq": 3270, "piqa": 1838, "social_i_qa": 1954, "hellaswag": 10042, "winogrande": 1267,
-                      "ARC-Easy": 2376, "openbookqa": 500}
-README_TRAIN_COUNTS = {"boolq": 9427, "ARC-Easy": 2251, "openbookqa": 4957}
-
-
-def commonsense_root() -> Path | None:
-    """$FLEXLORA_COMMONSENSE_DIR, else ``shared/data/commonsense`` beside the checkout (or above it)."""
-    env = os.environ.get("FLEXLORA_COMMONSENSE_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [p / "shared" / "data" / "commonsense" for p in (REPO.parent, REPO.parent.parent, Path("/work"))]
-    return next((c for c in candidates if (c / "boolq" / "test.json").is_file()), None)
-
-
-def backbone(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "backbone" / f"{name}.yaml"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_causal_lm_tokenizer(backbone("tiny_llama"))
-
-
-@pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    return load_causal_lm(backbone("tiny_llama"))
-
-
-def record(instruction: str = "Please answer the following question with true or false, question: is it?\n\n"
-           "Answer format: true/false", answer: str = "true", input: str = "") -> dict:
-    return {"instruction": instruction, "input": input, "output": RESPONSE_TEMPLATE.format(answer), "answer": answer}
-
-
-def write_json(path: Path, data: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
-    return path
+from tests.commonsense_fixtures import (
+    error_of,
+    record,
+    write_json,
+)
 
 
 # ---------------------------------------------------------------- prompt and sets
@@ -151,12 +109,6 @@ def test_collator_right_pads_and_passes_idx(tok):
 
 
 # ---------------------------------------------------------------- file errors
-def error_of(fn, *args) -> str:
-    with pytest.raises(FlexLoRAError) as info:
-        fn(*args)
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
 
 
 def test_read_records_errors_name_file_and_record(tmp_path):

