@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from flexlora.data.commonsense import RESPONSE_TEMPLATE
