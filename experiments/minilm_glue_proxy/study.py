@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 TASKS = ("sst2", "mrpc", "stsb")
 METHODS = ("lora", "adalora", "flexlora")
 GRID = (5e-4, 1e-3, 2e-3, 4e-3)
-SEEDS = (1, 2, 3)
+SEEDS = (1, 2, 3, 4, 5)
 # the code-faithful new-slot std, run beside the default at FlexLoRA's chosen lr (the grow_std evidence)
 EXTRA_ARMS = {"flexlora_std1": ["allocator=flexlora", "allocator.grow_std=1.0"]}
 

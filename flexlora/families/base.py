@@ -79,8 +79,14 @@ class Family(ABC):
     def regression(self) -> bool:
         return self.spec.is_regression
 
-    def check(self) -> None:  # noqa: B027 - optional hook
+    supports_tune = True  # task.split=tune: evaluate on a held-out part of the training data
+
+    def check(self) -> None:
         """Cheap checks of the config against the data on disk, run before any model is built."""
+        from flexlora.errors import FlexLoRAError
+
+        if self.task.get("split") == "tune" and not self.supports_tune:
+            raise FlexLoRAError(f"task={self.spec.name} has no split=tune; use split=test (the default)")
 
     # -------------------------------------------------------------- data
     @abstractmethod

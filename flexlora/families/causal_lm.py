@@ -55,6 +55,8 @@ def _sample(items: list[Any], limit: int | None, seed: int = 0) -> list[Any]:
 
 
 class CausalLMFamily(Family):
+    supports_tune = False  # choose hyperparameters on sets you do not report (task.eval_sets)
+
     @property
     def data_dir(self) -> str:
         from flexlora.errors import FlexLoRAError
@@ -74,6 +76,7 @@ class CausalLMFamily(Family):
         from flexlora.data.commonsense import check_sets
         from flexlora.errors import FlexLoRAError
 
+        super().check()
         if not self.eval_splits:
             raise FlexLoRAError("task.eval_sets is empty; name at least one set, e.g. task.eval_sets=[boolq,piqa]")
         if not self.train_sets:

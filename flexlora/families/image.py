@@ -29,6 +29,7 @@ class ImageFamily(Family):
         return load_vtab_splits(self.task["data_dir"], self.task.get("split", "test"), num_classes=num_classes)
 
     def check(self) -> None:
+        super().check()
         _ = self.splits.num_classes  # reads the list files: their errors come before any model is built
 
     def load_data(self) -> TaskData:

@@ -40,6 +40,8 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 class SyntheticFamily(Family):
+    supports_tune = False  # the validation data is drawn fresh from the teacher: nothing to hold out
+
     def _config(self) -> Any:
         from flexlora.synthetic import SyntheticConfig
 
