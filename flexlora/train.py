@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,11 @@ def train(cfg: DictConfig) -> float | None:
             log.info("trainer.max_steps=0: evaluating without training")
         else:
             try:
-                trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+                with warnings.catch_warnings():
+                    # the DataModule checkpoints its position in the epoch and its sampler skips what was consumed,
+                    # so a mid-epoch resume is exact; Lightning cannot see that and warns on every resume
+                    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+                    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
             except BaseException as err:
                 if is_stop_signal(err):
                     log.warning("stopped by a signal at step %d; rerun the same command to resume",
