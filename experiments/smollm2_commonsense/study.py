@@ -20,8 +20,14 @@ REPO = HERE.parents[1]
 RUNS = REPO / "multirun" / "smollm2_commonsense"
 sys.path.insert(0, str(REPO))
 
+# Learning rates transferred from the MiniLM proxy's selection on held-out training data (the median over its
+# three tasks of each method's chosen grid value: experiments/minilm_glue_proxy/lr_selection.md), never from the
+# commonsense test sets: the SVD-form methods need a larger lr than LoRA at the same alpha / r0 (their update
+# starts at lambda = 0 with small P, Q), so one shared lr would confound the comparison.
+LR = {"lora": 1e-3, "adalora": 8e-3, "flexlora": 4e-3}
 JOBS = [("floor", 1, ["allocator=lora", "trainer.max_steps=0"])] + [
-    (method, seed, [f"allocator={method}"]) for seed in (1, 2) for method in ("lora", "adalora", "flexlora")
+    (method, seed, [f"allocator={method}", f"model.optimizer.lr={LR[method]}"])
+    for seed in (1, 2) for method in ("lora", "adalora", "flexlora")
 ]
 
 
