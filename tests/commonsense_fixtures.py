@@ -19,11 +19,13 @@ README_TRAIN_COUNTS = {"boolq": 9427, "ARC-Easy": 2251, "openbookqa": 4957}
 
 
 def commonsense_root() -> Path | None:
-    """$FLEXLORA_COMMONSENSE_DIR, else ``shared/data/commonsense`` beside the checkout (or above it)."""
+    """$FLEXLORA_COMMONSENSE_DIR, else the shared commonsense data (see tests/conftest.py: shared_data)."""
+    from tests.conftest import shared_data
+
     env = os.environ.get("FLEXLORA_COMMONSENSE_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [p / "shared" / "data" / "commonsense" for p in (REPO.parent, REPO.parent.parent, Path("/work"))]
-    return next((c for c in candidates if (c / "boolq" / "test.json").is_file()), None)
+    if env and (Path(env) / "boolq" / "test.json").is_file():
+        return Path(env)
+    return shared_data("commonsense")
 
 
 def backbone(name: str) -> dict:

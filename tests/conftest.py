@@ -21,6 +21,15 @@ register()  # the config schemas and resolvers, as run.py registers them, for ev
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shared_data(*parts: str) -> Path | None:
+    """A folder of the shared offline data (``shared/data/...``) beside the checkout, above it, or in /work:
+    CI clones the project anywhere, so tests never assume where the shared folder is."""
+    env = os.environ.get("FLEXLORA_SHARED_DATA")
+    roots = ([Path(env)] if env else []) + [p / "shared" / "data" for p in (REPO.parent, REPO.parent.parent,
+                                                                             Path("/work"))]
+    return next((r.joinpath(*parts) for r in roots if r.joinpath(*parts).exists()), None)
+
+
 def glue_root() -> Path | None:
     """Real GLUE TSVs: $FLEXLORA_GLUE_DIR, else ``shared/data/glue`` beside the checkout (or above it)."""
     env = os.environ.get("FLEXLORA_GLUE_DIR")

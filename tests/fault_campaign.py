@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kills", type=int, default=24)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--glue", type=Path, default=REPO.parent / "shared" / "data" / "glue")
+    from tests.conftest import glue_root
+
+    parser.add_argument("--glue", type=Path, default=glue_root())
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     top = Path(tempfile.mkdtemp(prefix="faults-"))

@@ -14,6 +14,7 @@ import torch
 from flexlora.errors import FlexLoRAError
 from flexlora.train import build, train
 from flexlora.training import RankAllocationCallback
+from tests.conftest import shared_data
 from tests.helpers import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +185,7 @@ def test_bad_commonsense_records(tmp_path, record, needle):
 def vtab_folder(tmp_path: Path, train_lines: str, image: bytes | None = None) -> Path:
     import shutil
 
-    source = REPO.parent / "shared" / "data" / "vtab-1k" / "fashion_mnist"
+    source = shared_data("vtab-1k", "fashion_mnist")
     folder = tmp_path / "fashion_mnist"
     (folder / "images").mkdir(parents=True)
     names = [line.split()[0] for line in (source / "test.txt").read_text().splitlines()[:4]]
@@ -205,7 +206,7 @@ def vtab_folder(tmp_path: Path, train_lines: str, image: bytes | None = None) ->
     ("", None, ["task.num_classes=1"], "out of range for 1 classes"),
 ])
 def test_bad_vtab_folders(tmp_path, extra, image, overrides, needle):
-    if not (REPO.parent / "shared" / "data" / "vtab-1k" / "fashion_mnist").is_dir():
+    if shared_data("vtab-1k", "fashion_mnist") is None:
         pytest.skip("shared/data/vtab-1k/fashion_mnist not found")
     folder = vtab_folder(tmp_path, extra, image)
     message = one_line_error(["backbone=tiny_vit", "task=vtab", f"task.data_dir={folder}", "trainer.max_steps=8",

@@ -11,9 +11,10 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, matthews_corrcoef
 
 from flexlora.train import train
+from tests.conftest import shared_data
 from tests.helpers import compose_config
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = shared_data() or Path("/nonexistent")
 
 
 def run(tmp_path: Path, *overrides: str) -> tuple[dict, list[dict]]:

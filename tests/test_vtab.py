@@ -32,18 +32,13 @@ from flexlora.data.vtab import (
     vtab_task,
 )
 from flexlora.errors import FlexLoRAError
+from tests.conftest import shared_data
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONES = REPO / "conf" / "backbone"
 
 
-def _fashion_mnist() -> Path:
-    candidates = [p / "shared" / "data" / "vtab-1k" / "fashion_mnist" for p in (REPO.parent, REPO.parent.parent)]
-    candidates.append(Path("/work/shared/data/vtab-1k/fashion_mnist"))
-    return next((c for c in candidates if (c / "test.txt").is_file()), candidates[-1])
-
-
-FASHION = _fashion_mnist()
+FASHION = shared_data("vtab-1k", "fashion_mnist") or Path("/nonexistent")
 needs_fashion = pytest.mark.skipif(not (FASHION / "test.txt").is_file(), reason="vtab-1k/fashion_mnist not found")
 
 
@@ -237,7 +232,8 @@ def test_tiny_vit_forward_backward_on_a_real_batch():
     model = load_image_classifier(cfg, splits.num_classes)
     assert model.training and model.config.num_labels == 10
     adapters = inject(model, cfg.target_modules, form="svd", rank=2, head_modules=list(cfg.head_modules))
-    assert sorted(adapters) == [f"vit.layers.{i}.mlp.{fc}" for i in range(2) for fc in ("fc1", "fc2")]
+    layers = cfg.from_config.num_hidden_layers
+    assert sorted(adapters) == [f"vit.layers.{i}.mlp.{fc}" for i in range(layers) for fc in ("fc1", "fc2")]
     out = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
     assert out.logits.shape == (16, 10) and torch.isfinite(out.loss)
     out.loss.backward()
@@ -255,9 +251,9 @@ def test_mlp_preset_selects_fc1_fc2_only():
     model = load_image_classifier(cfg, 3)
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     mlp = [n for n in linear if matches(n, cfg.target_modules)]
-    assert mlp == [f"vit.layers.{i}.mlp.{fc}" for i in range(2) for fc in ("fc1", "fc2")]  # 2 per layer
+    assert mlp == [f"vit.layers.{i}.mlp.{fc}" for i in range(4) for fc in ("fc1", "fc2")]  # 2 per layer
     attn = [n for n in linear if matches(n, vit_target_modules("attn"))]
-    assert attn == [f"vit.layers.{i}.attention.{p}_proj" for i in range(2) for p in "qkv"]
+    assert attn == [f"vit.layers.{i}.attention.{p}_proj" for i in range(4) for p in "qkv"]
     assert not any(matches("vit.layers.0.attention.o_proj", rx) for rx in VIT_TARGET_PRESETS.values())
     assert not any(matches("classifier", rx) for rx in VIT_TARGET_PRESETS.values())
 
