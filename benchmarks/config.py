@@ -18,7 +18,9 @@ from flexlora.conf_store import compose, to_plain
 
 __all__ = ["COMMONSENSE_DIR", "allocator_values", "compose"]
 # the commonsense sets: $FLEXLORA_COMMONSENSE_DIR as in conf/task/commonsense.yaml, else the shared data folder
-COMMONSENSE_DIR = Path(os.environ.get("FLEXLORA_COMMONSENSE_DIR", REPO.parent / "shared" / "data" / "commonsense"))
+_CANDIDATES = [p / "shared" / "data" / "commonsense" for p in (REPO.parent, REPO.parent.parent, Path("/work"))]
+COMMONSENSE_DIR = Path(os.environ.get("FLEXLORA_COMMONSENSE_DIR") or next(
+    (c for c in _CANDIDATES if (c / "boolq" / "test.json").is_file()), _CANDIDATES[0]))
 
 
 def allocator_values(*overrides: str) -> dict[str, Any]:

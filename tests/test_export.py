@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification
 
 from flexlora.export import export, load_run, main
 from flexlora.train import train
+from tests.conftest import shared_data
 from tests.helpers import compose_config, tiny_run_config
 
 
@@ -99,7 +100,11 @@ def test_causal_lm_export_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
-    train(compose_config("debug=tiny", "backbone=tiny_llama", "task=commonsense", "task.eval_sets=[boolq]",
+    data = shared_data("commonsense")
+    if data is None:
+        pytest.skip("shared/data/commonsense not found")
+    train(compose_config("debug=tiny", "backbone=tiny_llama", "task=commonsense", f"task.data_dir={data}",
+                         "task.eval_sets=[boolq]",
                          "task.max_train_samples=64", "task.max_eval_samples=8", "task.cutoff_len=96",
                          "trainer.max_steps=8", "model.optimizer.lr=5e-3", output_dir=run_dir))
     out = tmp_path / "export"

@@ -125,6 +125,6 @@ def test_redesign_changed_no_result(tmp_path, real_glue_dir):
 
     lora = run("lora", "allocator=lora")
     assert lora["final"]["val/loss"] == pytest.approx(PRE_REDESIGN_LORA_VAL_LOSS, rel=1e-9, abs=0)
-    flex = run("flex", "allocator=flexlora", "allocator.rank_one=zero")
+    flex = run("flex", "allocator=flexlora", "allocator.rank_one=zero", "allocator.grow_std=1.0")  # the old defaults
     assert list(flex["rank_pattern"].values()) == PRE_REDESIGN_FLEXLORA_RANKS
     assert flex["final"]["val/loss"] == pytest.approx(0.6933479309082031, abs=1e-6)
