@@ -1,6 +1,7 @@
 """Hydra registration: the config schemas in the ConfigStore and the project's OmegaConf resolvers.
 
-Called explicitly by ``run.py`` (and by tests that compose configs), never as an import side effect.
+Called by ``run.py``, by ``compose`` below and by the Hydra plugin ``hydra_plugins/flexlora_schemas`` (so any
+Hydra composition finds the schemas); never as an import side effect.
 OmegaConf does not know ``typing.Literal``; each schema's Literal fields are registered as Enums built from
 the same Literal, so a value outside it fails at composition ("Invalid value 'x', expected one of [...]")
 while the library keeps plain strings (``to_plain`` turns the Enums back into strings).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,18 @@ def test_every_experiment_composes_to_valid_allocators(experiment, allocator):
     if allocator == "adalora":  # every method ends at the same total budget
         flex = resolve(make([*overrides[:1], "allocator=flexlora", *overrides[2:]]))["allocator"]
         assert config.target_rank == flex["rank"]
+
+
+def test_plain_hydra_compose_finds_the_schemas_without_register(tmp_path):
+    """A notebook or another tool composes with Hydra's own API only: the hydra_plugins search-path plugin must
+    register the schemas and resolvers (a fresh interpreter, so nothing was registered by this test session)."""
+    script = (
+        "from hydra import compose, initialize_config_dir\n"
+        f"with initialize_config_dir(config_dir={str(CONF)!r}, version_base=None):\n"
+        "    c = compose('config', overrides=['+experiment=deberta_glue', 'allocator=flexlora', 'task=stsb'])\n"
+        "print(c.allocator.budget_per_event, c.allocator.alpha, c.optimized_metric)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    budget, alpha, metric = done.stdout.split()
+    assert int(budget) > 0 and float(alpha) > 0 and metric == "val/pearson"

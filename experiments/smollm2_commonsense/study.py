@@ -1,6 +1,6 @@
 """The SmolLM2-135M commonsense study on CPU: the untuned floor, then LoRA / AdaLoRA / FlexLoRA, two seeds.
 
-    python experiments/smollm2_commonsense/study.py run [--shard 0/2]
+    python experiments/smollm2_commonsense/study.py run     # start one per core: each claims the next free run
     python experiments/smollm2_commonsense/study.py report
 
 Every run is the framework's own train() with +experiment=smollm2_commonsense (loglik protocol, 300 items per
@@ -31,15 +31,25 @@ JOBS = [("floor", 1, ["allocator=lora", "trainer.max_steps=0"])] + [
 ]
 
 
-def run(shard: tuple[int, int]) -> None:
+def claim(out: Path) -> bool:
+    """True for the one worker that creates out/.claim first (delete the claims of killed workers to retry)."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(out / ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def run() -> None:
     from flexlora.conf_store import register
     from flexlora.train import train
     from tests.helpers import compose_config
 
     register()
-    for i, (arm, seed, overrides) in enumerate(JOBS):
+    for arm, seed, overrides in JOBS:
         out = RUNS / arm / f"s{seed}"
-        if i % shard[1] != shard[0] or (out / "metrics.json").is_file():
+        if (out / "metrics.json").is_file() or not claim(out):
             continue
         train(compose_config("+experiment=smollm2_commonsense", "trainer.enable_progress_bar=false", f"seed={seed}",
                              *overrides, output_dir=out))
@@ -58,14 +68,12 @@ def report() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("phase", choices=("run", "report"))
-    parser.add_argument("--shard", default="0/1")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.phase == "report":
         report()
     else:
-        index, count = (int(x) for x in args.shard.split("/"))
-        run((index, count))
+        run()
 
 
 if __name__ == "__main__":
