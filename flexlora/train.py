@@ -26,10 +26,10 @@ from flexlora.errors import FlexLoRAError
 from flexlora.eventlog import atomic_write_text, json_safe
 from flexlora.families import EvalRecords, make_family
 from flexlora.training.checkpoints import (
-    AtomicCheckpointIO,
     PreemptionCheckpoint,
     is_stop_signal,
     resolve_checkpoint,
+    trainer_plugins,
 )
 
 log = logging.getLogger("flexlora")
@@ -77,7 +77,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, Any, L.Trainer, Any]:
         callbacks.append(LearningRateMonitor(logging_interval="step"))  # the learning rate, whenever there is a logger
     callbacks.append(PreemptionCheckpoint(output_dir / "checkpoints"))
     trainer: L.Trainer = instantiate(
-        resolved.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        resolved.trainer, callbacks=callbacks, logger=loggers or False, plugins=trainer_plugins()
     )
     for logger in trainer.loggers:  # the whole composed config, intact (the module logs no hyperparameters)
         logger.log_hyperparams(plain)

@@ -115,3 +115,21 @@ def test_sigusr1_chains_to_the_launchers_handler_after_the_checkpoint(tmp_path):
         assert signal.getsignal(signal.SIGUSR1) is not callback._handler
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_under_slurm_lightnings_own_requeue_is_off(monkeypatch):
+    """submitit requeues; Lightning's SLURM auto-requeue would answer the same SIGUSR1 with a second requeue."""
+    import lightning as L
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from flexlora.training.checkpoints import AtomicCheckpointIO, trainer_plugins
+
+    for name in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert [type(p) for p in trainer_plugins()] == [AtomicCheckpointIO]  # not under SLURM: Lightning's default
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "flexlora", "SLURM_NODELIST": "node1",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "7"}.items():
+        monkeypatch.setenv(name, value)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, plugins=trainer_plugins(), max_steps=1)
+    environment = trainer._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False

@@ -10,6 +10,8 @@
   (SIGTERM, or SIGUSR1: SLURM's warning signal, what submitit forwards) and then stops the run with a
   non-zero status; rerunning the same command resumes. Under submitit the signal's previous handler (which
   requeues the job) runs after the checkpoint is written.
+* :func:`trainer_plugins` turns Lightning's own SLURM auto-requeue off when the job runs under SLURM: submitit
+  requeues (``conf/hydra/launcher/submitit_slurm.yaml``); two requeue mechanisms would requeue a job twice.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -141,3 +144,12 @@ class PreemptionCheckpoint(Callback):
 
 def is_stop_signal(err: BaseException) -> bool:
     return isinstance(err, (SIGTERMException, Preempted))
+
+
+def trainer_plugins() -> list[Any]:
+    """The Trainer's plugins: atomic checkpoint writes, and under SLURM an environment without auto-requeue
+    (Lightning would otherwise also answer SIGUSR1 with ``scontrol requeue``, next to submitit's requeue)."""
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
