@@ -54,6 +54,14 @@ class Run:
                          for s in self.degenerate_splits)
 
 
+def shown(path: Path) -> str:
+    """A run's path as table notes print it: relative to the working folder when below it (tables get committed)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -160,6 +168,7 @@ def dedupe(runs: Sequence[Run], notes: list[str], describe: Any = None) -> list[
         if key in newest:
             name = describe(run) if describe else " ".join(run.row)
             what = " ".join(x for x in (run.task, run.subtask) if x)
-            notes.append(f"duplicate {name} {what} seed {run.seed}: kept {run.path}, ignored {newest[key].path}")
+            kept, ignored = shown(run.path), shown(newest[key].path)
+            notes.append(f"duplicate {name} {what} seed {run.seed}: kept {kept}, ignored {ignored}")
         newest[key] = run
     return list(newest.values())

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flexlora.aggregate.collect import Run, seed_order
+from flexlora.aggregate.collect import Run, seed_order, shown
 from flexlora.allocators.config import METHODS
 
 DAGGER = "†"
@@ -126,7 +126,7 @@ def make_cell(column: Column, runs: list[Run], notes: list[str], table_splits: s
         for r in runs:
             value = r.final.get(key)
             if value is None:
-                notes.append(f"{r.path} has no {key}")
+                notes.append(f"{shown(r.path)} has no {key}")
             elif math.isnan(value):
                 undefined.append(str(r.path))
             else:
@@ -173,7 +173,7 @@ def build_table(backbone: str, runs: list[Run], columns: list[Column], row_keys:
             if lacking:
                 missing.append(f"{name} {column.header}: seed {', '.join(map(str, lacking))} missing "
                                f"(n={len(cell.seeds)} of {len(expected[column.task])})")
-            degenerate += [f"{name} {column.header} seed {r.seed} ({r.describe_degenerate()}): {r.path}"
+            degenerate += [f"{name} {column.header} seed {r.seed} ({r.describe_degenerate()}): {shown(r.path)}"
                            for r in col_runs if r.seed in cell.degenerate]
         values = {t: c.value for t, c in row.cells.items() if not math.isnan(c.value)}
         row.avg = statistics.fmean(values.values()) if values else None
