@@ -31,11 +31,12 @@ def shared_data(*parts: str) -> Path | None:
 
 
 def glue_root() -> Path | None:
-    """Real GLUE TSVs: $FLEXLORA_GLUE_DIR, else ``shared/data/glue`` beside the checkout (or above it)."""
+    """Real GLUE TSVs: $FLEXLORA_GLUE_DIR, else the shared ``glue`` folder (:func:`shared_data`)."""
     env = os.environ.get("FLEXLORA_GLUE_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [p / "shared" / "data" / "glue" for p in (REPO.parent, REPO.parent.parent, Path("/work"))]
-    return next((c for c in candidates if (c / "RTE" / "train.tsv").is_file()), None)
+    if env and (Path(env) / "RTE" / "train.tsv").is_file():
+        return Path(env)
+    root = shared_data("glue")
+    return root if root is not None and (root / "RTE" / "train.tsv").is_file() else None
 
 
 @pytest.fixture(scope="session")

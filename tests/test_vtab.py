@@ -251,9 +251,10 @@ def test_mlp_preset_selects_fc1_fc2_only():
     model = load_image_classifier(cfg, 3)
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     mlp = [n for n in linear if matches(n, cfg.target_modules)]
-    assert mlp == [f"vit.layers.{i}.mlp.{fc}" for i in range(4) for fc in ("fc1", "fc2")]  # 2 per layer
+    layers = cfg.from_config.num_hidden_layers
+    assert mlp == [f"vit.layers.{i}.mlp.{fc}" for i in range(layers) for fc in ("fc1", "fc2")]  # 2 per layer
     attn = [n for n in linear if matches(n, vit_target_modules("attn"))]
-    assert attn == [f"vit.layers.{i}.attention.{p}_proj" for i in range(4) for p in "qkv"]
+    assert attn == [f"vit.layers.{i}.attention.{p}_proj" for i in range(layers) for p in "qkv"]
     assert not any(matches("vit.layers.0.attention.o_proj", rx) for rx in VIT_TARGET_PRESETS.values())
     assert not any(matches("classifier", rx) for rx in VIT_TARGET_PRESETS.values())
 

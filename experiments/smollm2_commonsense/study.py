@@ -42,16 +42,14 @@ def claim(out: Path) -> bool:
 
 
 def run() -> None:
-    from flexlora.conf_store import register
+    from flexlora.conf_store import compose
     from flexlora.train import train
-    from tests.helpers import compose_config
 
-    register()
     for arm, seed, overrides in JOBS:
         out = RUNS / arm / f"s{seed}"
         if (out / "metrics.json").is_file() or not claim(out):
             continue
-        train(compose_config("+experiment=smollm2_commonsense", "trainer.enable_progress_bar=false", f"seed={seed}",
+        train(compose("+experiment=smollm2_commonsense", "trainer.enable_progress_bar=false", f"seed={seed}",
                              *overrides, output_dir=out))
         print(f"done {arm} s{seed}", flush=True)
 
