@@ -83,21 +83,36 @@ def official_metrics(names: Iterable[str], labels, predictions) -> dict[str, flo
     return {name: official_metric(name, labels, predictions) for name in names}
 
 
-def is_degenerate(predictions, regression: bool) -> bool:
-    """True when every prediction is the same, the usual sign of a collapsed run (e.g. CoLA's majority class).
+NEAR_CONSTANT_RATIO = 1e-3  # regression: prediction std below this share of the labels' std is a collapse
 
-    Regression uses a relative tolerance (range <= 1e-12 * max(1, |mean|)) since a collapsed regressor still jitters
-    in the last bits; classes are compared exactly.
+
+def is_degenerate(predictions, regression: bool, labels=None) -> bool:
+    """True when the predictions carry no signal, the usual sign of a collapsed run.
+
+    Classes: every prediction the same (e.g. CoLA's majority class). Regression: constant up to a relative
+    tolerance (range <= 1e-12 * max(1, |mean|): a collapsed regressor still jitters in the last bits), or, with
+    ``labels``, near-constant: the predictions' std below ``NEAR_CONSTANT_RATIO`` of the labels' std (a collapsed
+    STS-B run had std 0.00025 against the labels' 1.5 and still got a finite, meaningless Pearson).
     """
+    return _degenerate_reason(predictions, regression, labels) != ""
+
+
+def _degenerate_reason(predictions, regression: bool, labels=None) -> str:
     p = np.asarray(predictions).reshape(-1)
     if p.size == 0:
         raise FlexLoRAError("no predictions to check")
     if not regression:
-        return is_constant(p)
+        return "constant" if is_constant(p) else ""
     p = p.astype(np.float64)
     if not np.all(np.isfinite(p)):
-        return False
-    return bool(p.max() - p.min() <= 1e-12 * max(1.0, abs(float(p.mean()))))
+        return ""
+    if p.max() - p.min() <= 1e-12 * max(1.0, abs(float(p.mean()))):
+        return "constant"
+    if labels is not None:
+        y = np.asarray(labels, dtype=np.float64).reshape(-1)
+        if y.size > 1 and np.isfinite(y).all() and float(p.std()) < NEAR_CONSTANT_RATIO * float(y.std()):
+            return "near_constant"
+    return ""
 
 
 def _format_class(value) -> str:
@@ -110,12 +125,18 @@ def describe_degenerate(predictions, regression: bool, labels=None) -> str:
     """A console line naming the collapse, or "" when the predictions vary (so callers can ``if line := ...``).
 
     With ``labels`` the line also says how often that class / value is right, which tells a majority-class
-    collapse apart from a minority one.
+    collapse apart from a minority one, and (regression) whether near-constant predictions are a collapse.
     """
-    if not is_degenerate(predictions, regression):
+    reason = _degenerate_reason(predictions, regression, labels)
+    if not reason:
         return ""
     p = np.asarray(predictions).reshape(-1)
     if regression:
+        if reason == "near_constant":
+            y = np.asarray(labels, dtype=np.float64).reshape(-1)
+            p = p.astype(np.float64)
+            return (f"near-constant predictions: std {p.std():.3g} is below {NEAR_CONSTANT_RATIO:g} of the labels' "
+                    f"std {y.std():.3g} (mean prediction {p.mean():.6g}); the correlations measure noise")
         line = f"constant predictions: every example predicted {float(np.mean(p)):.6g}"
         if labels is not None:
             y = np.asarray(labels, dtype=np.float64).reshape(-1)

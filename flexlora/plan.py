@@ -20,16 +20,21 @@ GrowInit = Literal["zero_impact", "orthogonal", "small_value", "all_zero"]
 class GrowSpec:
     """How a newly grown slot is initialised (DESIGN.md 4.3: zero-impact initialisation and its ablations).
 
-    ``std``: standard deviation of the new P column and Q row. ``value``: for ``small_value``, the new
-    direction's *effective* singular value ``(alpha / r0) |lambda| |p| |q|``.
+    ``std``: standard deviation of the new P column and Q row, or ``"auto"``: 1 / sqrt(length) per vector, so
+    both have unit expected norm whatever the matrix width (a fixed std gives a squared norm of width x std^2).
+    ``value``: for ``small_value``, the new direction's *effective* singular value ``(alpha / r0) |lambda| |p| |q|``.
     """
 
     kind: GrowInit = "zero_impact"
-    std: float = 1.0
+    std: float | str = 1.0
     value: float = 1e-3
 
     def __post_init__(self) -> None:
-        assert self.std > 0, "grow std must be > 0 (validated by the allocator config)"
+        assert self.std == "auto" or float(self.std) > 0, "grow std must be auto or > 0 (validated by the config)"
+
+    def std_for(self, length: int) -> float:
+        """The std of a new vector with ``length`` entries."""
+        return length**-0.5 if self.std == "auto" else float(self.std)
 
 
 @dataclass

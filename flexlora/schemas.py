@@ -45,6 +45,7 @@ class BackboneConfig:
     head_modules: list[str] = field(
         default_factory=lambda: [], metadata={"help": "modules trained in full besides the adapters (the task head)"}
     )
+    width: int | None = field(default=None, metadata={"help": "synthetic backbone: the width d of its d x d matrices"})
     image_size: int | None = field(default=None, metadata={"help": "input resolution of a config-built vision model"})
     processor: dict[str, Any] | None = field(
         default=None, metadata={"help": "image processor kwargs (config-built) or overrides (pretrained)"}
@@ -107,6 +108,8 @@ class CommonsenseTaskConfig(TaskConfig):
     cutoff_len: int = field(default=256, metadata={"help": "training tokens per example (LLM-Adapters' cutoff_len)"})
     max_new_tokens: int = field(default=32, metadata={"help": "generate protocol: tokens to decode"})
     eval_batch_size: int = field(default=16, metadata={"help": "evaluation items per batch"})
+    tune_size: int = field(default=600, metadata={"help": "split=tune: training records held out for scoring"})
+    tune_seed: int = field(default=0, metadata={"help": "split=tune: seed of the held-out sample (not the run's)"})
 
 
 @dataclass

@@ -118,6 +118,93 @@ def test_loglik_prefers_the_label_a_biased_model_favours(lm, tok):
                 assert pred == label_of[item.set_name]
 
 
+def tail_items(tok) -> list[EvalItem]:
+    """Items of nearly equal length whose candidates' tails are 0-4 tokens wide, next to one-token tails."""
+    items = []
+    for k, (question, candidates) in enumerate((
+        ("is it red?", ("yes it is", "no", "maybe so, perhaps not at all")),
+        ("is the sky very blue?", ("true", "false")),  # one-token tails in the same batch
+        ("is it red or blue?", ("no", "no it is not", "blue")),  # a candidate that is a prefix of another
+        ("what is it then?", ("a b c d", "a b", "a b c d e")),
+    )):
+        prompt = eval_items([record(f"Please answer: {question}")], "boolq", tok)[0].prompt
+        items.append(EvalItem(k, prompt, candidates[0], candidates, "boolq"))
+    from flexlora.families.commonsense_eval import _tokenized
+
+    return _tokenized(items, tok)
+
+
+def tail_widths(item: EvalItem) -> list[int]:
+    """How many tokens each candidate row has past the part that all the item's rows share."""
+    rows, shortest = item.candidate_ids, min(len(r) for r in item.candidate_ids)
+    common = next((i for i in range(shortest) if len({r[i] for r in rows}) > 1), shortest)
+    return [len(r) - common for r in rows]
+
+
+def forward_rows(model) -> tuple[list[int], object]:
+    """The number of rows of every forward call of ``model`` from now on (and the hook to remove)."""
+    rows: list[int] = []
+    return rows, model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(kw["input_ids"].shape[0]),
+                                                 with_kwargs=True)
+
+
+def test_loglik_fast_path_equals_full_forward_with_multi_token_tails(lm, tok, monkeypatch):
+    """One batch of left-padded prompts (RoPE positions from explicit position ids), a tail pass only for the
+    candidates 2+ tokens past the common prefix: the same scores as one plain forward per candidate."""
+    from flexlora.families import commonsense_eval
+
+    items = tail_items(tok)
+    widths = {w for i in items for w in tail_widths(i)}
+    assert {0, 1, 2} <= widths and max(widths) >= 3
+    assert len({len(i.prompt_ids) for i in items}) > 1  # the batch really is padded
+    reference = [naive_scores(lm.eval(), tok, item) for item in items]
+    monkeypatch.setattr(commonsense_eval, "_MAX_PADDING", 1.0)
+    rows, hook = forward_rows(lm)
+    try:
+        batched = loglik_predict(lm, tok, items)
+    finally:
+        hook.remove()
+    tails = sum(w >= 2 for i in items for w in tail_widths(i))
+    assert rows == [1, len(items), tails]  # the shared head, all prompts in one forward, the wide tails
+    alone = [loglik_predict(lm, tok, [item])[0] for item in items]
+    budget = loglik_predict(lm, tok, items, memory_budget=1)  # over any budget: one item per forward
+    plain = loglik_predict(lm, tok, items, shared_prefix=False)
+    for item, ref, *results in zip(items, reference, batched, alone, budget, plain, strict=True):
+        best = item.candidates[max(range(len(ref)), key=ref.__getitem__)]
+        for pred, scores in results:
+            assert scores == pytest.approx(ref, abs=1e-5) and pred == best
+
+
+def test_loglik_one_token_tails_take_one_forward_per_batch(lm, tok, monkeypatch):
+    """Every item of the local sets differs only in its last token: no pass over the tails, and each item's
+    prompt goes through the model exactly once, batched by the memory budget and the item cap."""
+    from flexlora.families import commonsense_eval
+
+    items = mixed_items(tok) * 3
+    assert all(w == 1 for i in items for w in tail_widths(i))
+    monkeypatch.setattr(commonsense_eval, "_MAX_PADDING", 1.0)
+    expected = loglik_predict(lm, tok, items, batch_size=1)
+    for kwargs, calls in (({}, [1, 9]), ({"batch_size": 4}, [1, 4, 4, 1]), ({"memory_budget": 1}, [1] * 10)):
+        rows, hook = forward_rows(lm)
+        try:
+            got = loglik_predict(lm, tok, items, **kwargs)
+        finally:
+            hook.remove()
+        assert rows == calls, kwargs
+        for (pred, scores), (pred1, scores1) in zip(got, expected, strict=True):
+            assert pred == pred1 and scores == pytest.approx(scores1, abs=1e-5)
+
+
+def test_eval_throughput_benchmark_without_lm_eval(monkeypatch, capsys):
+    from benchmarks import eval_throughput
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    assert "lm-eval==0.4.13 is not installed" in eval_throughput.main(["--items", "3"])["skipped"]
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("[eval_throughput] skipped: lm-eval")
+
+
 def test_loglik_scores_across_a_merged_boundary():
     """A tokenizer that merges the prompt's last characters with the response: scoring starts where the ids
     first differ, so all candidates are still compared on identical context."""

@@ -214,7 +214,8 @@ class SlotLoRALayer(nn.Module):
         Vectors are drawn from ``generator`` (the run's own, never the global RNG), on the CPU in float32
         for reproducibility across devices, then cast to the parameter's dtype and device.
 
-        * ``zero_impact``: P column and Q row ~ N(0, std^2), lambda = 0 (the output is unchanged).
+        * ``zero_impact``: P column and Q row ~ N(0, std^2), lambda = 0 (the output is unchanged); with
+          ``std="auto"`` each vector's std is 1 / sqrt(its length) (unit expected norm at any width).
         * ``orthogonal``: the same draws, Gram-Schmidt-projected off the live Q rows / P columns and then
           rescaled to the *median norm of the live rows / columns* (a typical live slot), lambda = 0.
           With no live slot the random norm is kept.
@@ -225,8 +226,8 @@ class SlotLoRALayer(nn.Module):
         r = self.live.count
         if r >= self.max_rank:
             raise ValueError("no free slot to grow into (live rank == max_rank)")
-        a_row = torch.randn(self.in_features, generator=generator) * spec.std
-        b_col = torch.randn(self.out_features, generator=generator) * spec.std
+        a_row = torch.randn(self.in_features, generator=generator) * spec.std_for(self.in_features)
+        b_col = torch.randn(self.out_features, generator=generator) * spec.std_for(self.out_features)
         value = 0.0
         if spec.kind == "orthogonal" and r > 0:
             live_a = self.lora_A.detach()[:r].float().cpu()

@@ -17,8 +17,9 @@ Adapters = Mapping[str, SlotLoRALayer]
 class Allocator(ABC):
     """Decides rank changes; never mutates adapters (the caller applies the returned plan).
 
-    Steps are optimizer steps t = 1..T: ``observe(adapters, t)`` runs while the gradients of step t are
-    complete (before the optimizer uses them), ``plan(adapters, t)`` after the optimizer step t.
+    Steps are optimizer steps t = 1..T. After the optimizer step t (peft's ``update_and_allocate`` order):
+    ``observe(adapters, t)`` sees the updated weights and the gradients that step used (accumulated, clipped),
+    then ``plan(adapters, t)`` decides.
     """
 
     dynamic: bool = True
@@ -46,7 +47,7 @@ class Allocator(ABC):
         """Allocator-specific checks against T and the number of matrices."""
 
     def observe(self, adapters: Adapters, step: int) -> None:  # noqa: B027 - optional hook
-        """Accumulate statistics from the current gradients (default: nothing)."""
+        """Accumulate statistics from the updated weights and step t's gradients (default: nothing)."""
 
     @abstractmethod
     def plan(self, adapters: Adapters, step: int) -> RankPlan | None:

@@ -24,6 +24,15 @@ Schedule = Literal["constant", "cubic", "cubic_late"]
 Importance = Literal["entropy", "nuclear", "frobenius", "sensitivity", "random"]
 Direction = Literal["both", "prune_only", "grow_only"]
 RankOne = Literal["reference", "zero"]
+OptimizerState = Literal["surgery", "released_reset"]
+GROW_STD_AUTO = "auto"
+
+OPTIMIZER_STATE_HELP = (
+    "surgery: after a rank change only the touched slots' moments and step counts restart; everything else and "
+    "the LR schedule are untouched | released_reset: the released FlexLoRA trainer: every moment and step count "
+    "(head included) reset at each event / masking step, and from the first one on the LR held at its peak "
+    "with weight decay 0"
+)
 
 # FlexLoRA's slot capacity when max_rank is null: this many times r0 (see the README's capacity note).
 DEFAULT_CAPACITY = 2
@@ -120,6 +129,7 @@ class AdaLoRAConfig(AllocatorConfig):
     target_rank: int = field(default=8, metadata={"help": "final average rank: the budget ends at n * target_rank"})
     beta1: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity I"})
     beta2: float = field(default=0.85, metadata={"help": "EMA factor of the uncertainty U"})
+    optimizer_state: OptimizerState = field(default="surgery", metadata={"help": OPTIMIZER_STATE_HELP})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -173,17 +183,23 @@ class FlexLoRAConfig(AllocatorConfig):
             "live norm) | small_value (effective singular value grow_value) | all_zero (paper ablation; never trains)"
         },
     )
-    grow_std: float = field(
-        default=0.1, metadata={"help": "std of a new slot's P column and Q row; 1.0 = the released code (README)"}
+    grow_std: Any = field(
+        default=0.1,
+        metadata={
+            "help": "std of a new slot's P column and Q row: auto = 1/sqrt(width) per vector (unit expected norm "
+            "at any width) | a number (1.0 = the released code; README)"
+        },
     )
     grow_value: float = field(
         default=1e-3, metadata={"help": "grow_init=small_value: effective singular value (alpha/r0)|lambda||p||q|"}
     )
     beta1: float = field(default=0.85, metadata={"help": "sensitivity EMA factor (importance=sensitivity only)"})
     beta2: float = field(default=0.85, metadata={"help": "uncertainty EMA factor (importance=sensitivity only)"})
+    optimizer_state: OptimizerState = field(default="surgery", metadata={"help": OPTIMIZER_STATE_HELP})
 
     def __post_init__(self) -> None:
         _coerce_choices(self)
+        self.grow_std = _grow_std(self.grow_std)
         if self.init_rank is None:
             self.init_rank = {
                 "both": self.rank,
@@ -193,8 +209,6 @@ class FlexLoRAConfig(AllocatorConfig):
         super().__post_init__()
         if self.budget_per_event < 1:
             raise FlexLoRAError(f"allocator.budget_per_event must be >= 1, got {self.budget_per_event}")
-        if self.grow_std <= 0:
-            raise FlexLoRAError(f"allocator.grow_std must be > 0, got {self.grow_std}")
         if self.grow_value <= 0:
             raise FlexLoRAError(f"allocator.grow_value must be > 0, got {self.grow_value}")
         _check_betas(self.beta1, self.beta2)
@@ -231,6 +245,19 @@ class FlexLoRAConfig(AllocatorConfig):
 
     def grow_spec(self) -> GrowSpec:
         return GrowSpec(kind=self.grow_init, std=self.grow_std, value=self.grow_value)
+
+
+def _grow_std(value: Any) -> float | str:
+    """``auto`` or a positive number (Hydra hands numbers on the command line over as they are typed)."""
+    if isinstance(value, str) and value.strip().lower() == GROW_STD_AUTO:
+        return GROW_STD_AUTO
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number > 0 or number == float("inf"):
+        raise FlexLoRAError(f"allocator.grow_std must be auto or a number > 0, got {value!r}")
+    return number
 
 
 def _check_betas(beta1: float, beta2: float) -> None:

@@ -45,7 +45,7 @@ def build_classifier(backbone: Mapping[str, Any], num_labels: int) -> torch.nn.M
         if "model_type" not in spec:
             raise FlexLoRAError("backbone.from_config needs a model_type when backbone.pretrained is null")
         model_type = spec.pop("model_type")
-        config = AutoConfig.for_model(model_type, num_labels=num_labels, problem_type=problem, **spec, **overrides)
+        config = AutoConfig.for_model(model_type, num_labels=num_labels, problem_type=problem, **{**spec, **overrides})
         model = AutoModelForSequenceClassification.from_config(config)
     dtype = backbone.get("dtype")
     if dtype:

@@ -98,6 +98,10 @@ class Family(ABC):
     def build_model(self) -> nn.Module:
         """The backbone with its task head, in train mode, before adapters are injected."""
 
+    def head_bias(self) -> float | None:
+        """Where a regression head's output bias starts (the training targets' mean); None: no change."""
+        return None
+
     @abstractmethod
     def training_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The task loss of one training batch (the orthogonality penalty is added by the module)."""

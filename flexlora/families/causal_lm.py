@@ -55,7 +55,9 @@ def _sample(items: list[Any], limit: int | None, seed: int = 0) -> list[Any]:
 
 
 class CausalLMFamily(Family):
-    supports_tune = False  # choose hyperparameters on sets you do not report (task.eval_sets)
+    """``task.split=tune`` holds out ``task.tune_size`` training records (a fixed sample, ``task.tune_seed``) and
+    evaluates on them with the loglik protocol (metrics ``tune/accuracy``): hyperparameters are then chosen on
+    training data, never on the reported sets."""
 
     @property
     def data_dir(self) -> str:
@@ -77,6 +79,9 @@ class CausalLMFamily(Family):
         from flexlora.errors import FlexLoRAError
 
         super().check()
+        if self.task.get("split") == "tune":
+            check_sets(self.data_dir, [], self.train_sets)
+            return
         if not self.eval_splits:
             raise FlexLoRAError("task.eval_sets is empty; name at least one set, e.g. task.eval_sets=[boolq,piqa]")
         if not self.train_sets:
@@ -91,18 +96,37 @@ class CausalLMFamily(Family):
         self.check()
         tokenizer = load_tokenizer(self.backbone)
         root = Path(self.data_dir)
-        records = [r for name in self.train_sets for r in read_records(root / name / "train.json", name)]
-        records = _sample(records, self.task.get("max_train_samples"))
+        pool = [(name, r) for name in self.train_sets for r in read_records(root / name / "train.json", name)]
+        evals = {}
+        if self.task.get("split") == "tune":
+            pool, evals["tune"] = self._tune_items(pool, tokenizer)
+        records = _sample([r for _, r in pool], self.task.get("max_train_samples"))
         cutoff = int(self.task.get("cutoff_len", 256))
         train = [{**tokenize_for_training(r, tokenizer, cutoff), "idx": i} for i, r in enumerate(records)]
-        evals = {}
-        for name in self.eval_splits:
+        for name in self.eval_splits if self.task.get("split") != "tune" else ():
             records = read_records(root / name / "test.json", name)
             keep = _sample(list(range(len(records))), self.task.get("max_eval_samples"))  # before tokenising
             items = eval_items([records[i] for i in keep], name, tokenizer)
             evals[name] = [replace(item, idx=i) for item, i in zip(items, keep, strict=True)]
         return TaskData(train=train, evals=evals, train_collate=CausalLMCollator(tokenizer.pad_token_id),
                         eval_collate=ItemBatch)
+
+    def _tune_items(self, pool: list[tuple[str, Any]], tokenizer: Any) -> tuple[list[tuple[str, Any]], list[Any]]:
+        """(training pool without the held-out records, the held-out records as evaluation items). The sample
+        depends on ``tune_seed`` only, so every run of a sweep scores on the same items whatever its seed."""
+        from flexlora.data.commonsense import eval_items
+        from flexlora.errors import FlexLoRAError
+
+        size = int(self.task.get("tune_size") or 600)
+        if size >= len(pool):
+            raise FlexLoRAError(f"task.tune_size={size} leaves no training record ({len(pool)} in the pool)")
+        held = set(random.Random(int(self.task.get("tune_seed") or 0)).sample(range(len(pool)), size))
+        items = []
+        for name in dict.fromkeys(n for n, _ in pool):
+            chosen = [i for i in sorted(held) if pool[i][0] == name]
+            for i, item in zip(chosen, eval_items([pool[i][1] for i in chosen], name, tokenizer), strict=True):
+                items.append(replace(item, idx=i))
+        return [entry for i, entry in enumerate(pool) if i not in held], items
 
     def build_model(self) -> nn.Module:
         from flexlora.backbones.causal_lm import load_causal_lm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -14,12 +15,12 @@ from flexlora.families.base import EvalRecords, Family, TaskData
 class ClassificationFamily(Family):
     """GLUE and tweets: a classifier head on an encoder, cross-entropy (MSE for STS-B)."""
 
-    def load_data(self) -> TaskData:
+    @functools.cached_property
+    def raw_splits(self) -> Any:
+        """The text splits this run uses (train, then the evaluation splits), before tokenising; read once."""
         import datasets
-        from transformers import DataCollatorWithPadding
 
-        from flexlora.backbones.text import load_tokenizer
-        from flexlora.data.glue import load_glue, tokenize, tune_split
+        from flexlora.data.glue import load_glue, tune_split
 
         task = self.task
         if self.spec.name == "tweets":
@@ -34,15 +35,29 @@ class ClassificationFamily(Family):
         if task.get("split") == "tune":
             train, held_out = tune_split(raw["train"], seed=int(task.get("tune_seed", 0)))
             raw = datasets.DatasetDict({"train": train, "tune": held_out})
-        raw = datasets.DatasetDict({name: _first(split, self._limit(name)) for name, split in raw.items()})
+        return datasets.DatasetDict({name: _first(split, self._limit(name)) for name, split in raw.items()})
+
+    def load_data(self) -> TaskData:
+        from transformers import DataCollatorWithPadding
+
+        from flexlora.backbones.text import load_tokenizer
+        from flexlora.data.glue import tokenize
+
         tokenizer = load_tokenizer(self.backbone)
-        splits = tokenize(raw, tokenizer, int(task.get("max_length", 128)))
+        splits = tokenize(self.raw_splits, tokenizer, int(self.task.get("max_length", 128)))
         collate = DataCollatorWithPadding(tokenizer)
         return TaskData(
             train=splits["train"].with_format("torch"),
             evals={name: splits[name].with_format("torch") for name in self.eval_splits},
             train_collate=collate, eval_collate=collate,
         )
+
+    def head_bias(self) -> float | None:
+        """Regression: the mean of the training targets (the head's output bias starts there)."""
+        if not self.regression:
+            return None
+        labels = self.raw_splits["train"]["label"]
+        return float(sum(labels) / len(labels))
 
     def _limit(self, split: str) -> int | None:
         key = "max_train_samples" if split == "train" else "max_eval_samples"

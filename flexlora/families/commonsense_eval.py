@@ -8,11 +8,12 @@ the cheap, deterministic metric for training-time validation. ``generate_predict
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -76,11 +77,6 @@ def _tokenized(items: Sequence[EvalItem], tokenizer: Any) -> list[EvalItem]:
     return out
 
 
-def _chunks(order: Sequence[int], size: int) -> Iterator[list[int]]:
-    for i in range(0, len(order), size):
-        yield list(order[i : i + size])
-
-
 def _pad_id(tokenizer: Any) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
@@ -119,14 +115,70 @@ def _cache_argument(model: torch.nn.Module) -> str | None:
 
 
 # ---------------------------------------------------------------- log-likelihood ranking
+@dataclass(frozen=True)
+class _Plan:
+    """One item's candidate rows, where each row's score begins, and the length of the rows' common prefix."""
+
+    rows: list[list[int]]
+    starts: list[int]
+    common: int
+
+    low = property(lambda self: min(min(self.starts) - 1, self.common - 1))  # the first logit the prompt pass keeps
+
+
+def _forward_bytes(config: Any, esize: int, rows: int, width: int, context: int, keep: int) -> int:
+    """A rough peak for one no-grad forward of ``rows`` x ``width`` new tokens attending to ``context`` tokens:
+    the KV cache, one layer's activations, the attention scores and ``keep`` float32 logits per row."""
+    def get(name: str, default: int) -> int:
+        return int(getattr(config, name, None) or default)
+
+    hidden, heads = get("hidden_size", 4096), get("num_attention_heads", 32)
+    cache = 2 * get("num_hidden_layers", 32) * get("num_key_value_heads", heads) * get("head_dim", hidden // heads)
+    activations = width * (6 * hidden + 3 * get("intermediate_size", 4 * hidden)) + cache * context
+    return rows * (esize * activations + 8 * (heads * width * context + keep * get("vocab_size", 32000)))
+
+
+def _default_budget(device: torch.device) -> int:
+    """Bytes per scoring forward: a quarter of the free GPU memory, else 128 MiB (on one CPU thread, 4-16
+    items per forward are as fast as it gets: fewer pay the per-call overhead, more gain nothing)."""
+    return int(torch.cuda.mem_get_info(device)[0] // 4) if device.type == "cuda" else 128 * 2**20
+
+
+_MAX_PADDING = 0.125  # the share of a batch's tokens that may be padding
+
+
+def _batches(order: Sequence[int], length: Any, cost: Any, budget: int, max_items: int | None) -> Iterator[list[int]]:
+    """Consecutive runs of ``order`` (sorted by ``length``) with at most ``max_items``, whose ``cost`` fits
+    ``budget`` and whose padding stays under ``_MAX_PADDING`` of their tokens; an item alone is always a batch."""
+    chunk: list[int] = []
+    for i in order:
+        if chunk:
+            sizes = [length(j) for j in (*chunk, i)]
+            padding = 1 - sum(sizes) / (len(sizes) * max(sizes))
+            if len(chunk) == max_items or padding > _MAX_PADDING or cost([*chunk, i]) > budget:
+                yield chunk
+                chunk = []
+        chunk.append(i)
+    if chunk:
+        yield chunk
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading ids all rows share (the lexicographic extremes differ first where any two rows do)."""
+    lo, hi = min(rows), max(rows)
+    return next((i for i, (a, b) in enumerate(zip(lo, hi, strict=False)) if a != b), min(len(lo), len(hi)))
+
+
+def _pick(item: EvalItem, scores: list[float]) -> tuple[str, list[float]]:
+    best = max(range(len(scores)), key=lambda j: (scores[j], -j))  # the first on ties
+    return item.candidates[best], scores
+
+
 @torch.no_grad()
 def _score_rows(model: torch.nn.Module, rows: list[list[int]], starts: list[int], pad_id: int) -> list[float]:
     """Summed log-probabilities of tokens ``rows[r][starts[r]:]`` given what precedes them, in one forward.
-
-    Right padding leaves every real token's context, positions and logits unchanged, so scores do not
-    depend on what else is in the batch; only the logits of the last positions are computed when the model
-    supports ``logits_to_keep``.
-    """
+    Right padding leaves every real token's context, positions and logits unchanged; only the logits of the
+    last positions are computed when the model supports ``logits_to_keep``."""
     device = next(model.parameters()).device
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -155,87 +207,142 @@ def _score_rows(model: torch.nn.Module, rows: list[list[int]], starts: list[int]
     return scores
 
 
-@torch.no_grad()
-def _score_item_shared_prefix(model: torch.nn.Module, rows: list[list[int]], starts: list[int]) -> list[float]:
-    """The same scores as :func:`_score_rows` for one item's candidates, with the prompt run once.
+def _shared_prefix(model: torch.nn.Module, plans: Sequence[_Plan], cache_arg: str) -> tuple[int, Any]:
+    """(g, KV cache of the first g tokens): the template's head that every item shares, up to the first needed
+    logit; (0, None) when the items share nothing. ``_score_shared`` copies the cache for every batch."""
+    g = min(_common_prefix([p.rows[0][: p.common] for p in plans]), *(p.low for p in plans))
+    if g < 1:
+        return 0, None
+    ids = torch.tensor([plans[0].rows[0][:g]], device=next(model.parameters()).device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_arg: None})
+    return g, getattr(out, cache_arg, None) or out.past_key_values
 
-    The candidates share the prompt (and "the correct answer is"): that common prefix goes through the model
-    once with a KV cache, the cache is repeated per candidate, and only the differing suffixes are run. On a
-    CPU this is 3-4x fewer token forwards for 4-5 candidates of a 150-token prompt.
+
+def _cost(config: Any, esize: int, plans: Sequence[_Plan], g: int | None) -> int:
+    """:func:`_forward_bytes` of scoring ``plans`` by :func:`_score_shared` after ``g`` cached tokens, or by
+    :func:`_score_rows` when ``g`` is None."""
+    if g is None:
+        width = max(len(r) for p in plans for r in p.rows)
+        rows = sum(len(p.rows) for p in plans)
+        return _forward_bytes(config, esize, rows, width, width, width - min(p.low for p in plans))
+    width = max(p.common for p in plans) - g
+    cost = _forward_bytes(config, esize, len(plans), width, g + width, max(p.common - p.low for p in plans))
+    if tails := [len(r) - p.common - 1 for p in plans for r in p.rows if len(r) - p.common >= 2]:
+        cost += _forward_bytes(config, esize, len(tails), max(tails), g + width + max(tails), max(tails))
+    return cost
+
+
+@torch.no_grad()
+def _score_shared(model: torch.nn.Module, plans: Sequence[_Plan], g: int, base: Any, cache_arg: str,
+                  pad_id: int) -> list[list[float]]:
+    """Every candidate's score for several items in one or two forwards, the same as :func:`_score_rows`.
+
+    The prompt pass runs each item's common prefix once (after the ``g`` tokens held in ``base``), left-padded
+    so that every item's last positions, the only ones whose logits are computed, line up; explicit position
+    ids keep RoPE's positions those of the unpadded rows. Position common - 1 already predicts every tail's
+    first token, so only candidates whose tail is 2+ tokens wide need the tail pass: their tails but the last
+    token, on a copy of the prompts' cache (none of the local sets has such a candidate).
     """
     device = next(model.parameters()).device
-    common = min(len(r) for r in rows)
-    for i in range(common):
-        if any(r[i] != rows[0][i] for r in rows):
-            common = i
-            break
-    first = min(starts) - 1  # the first position whose logits a score needs
-    common = max(common, first + 1)  # a prefix ending before every needed logit gives nothing to share
-    if common >= max(len(r) for r in rows) or any(len(r) < common or r[:common] != rows[0][:common] for r in rows):
-        return _score_rows(model, rows, starts, 0)
-    prefix = torch.tensor([rows[0][:common]], device=device)
-    out = model(input_ids=prefix, use_cache=True, logits_to_keep=common - first)
-    prefix_logp = out.logits[0].float().log_softmax(-1)  # row j predicts token first + j + 1
-    cache_arg = _cache_argument(model)
-    cache = getattr(out, cache_arg)
-    width = max(len(r) for r in rows) - common
-    suffix = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), common + width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        tail = row[common:]
-        suffix[r, : len(tail)] = torch.tensor(tail, dtype=torch.long)
-        mask[r, : common + len(tail)] = 1
-    cache.batch_repeat_interleave(len(rows))
-    suffix_logp = model(input_ids=suffix.to(device), attention_mask=mask.to(device), use_cache=True,
-                        **{cache_arg: cache}).logits.float().log_softmax(-1)  # [r, j] predicts suffix token j + 1
-    scores = []
-    for r, row in enumerate(rows):
-        total = 0.0
-        for t in range(starts[r], len(row)):
-            logp = prefix_logp[t - 1 - first] if t - 1 < common else suffix_logp[r, t - 1 - common]
-            total += float(logp[row[t]])
-        scores.append(total)
+    n, width = len(plans), max(p.common for p in plans) - g
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, g + width), dtype=torch.long)
+    mask[:, :g] = 1
+    pos = torch.full((n, width), g, dtype=torch.long)
+    for b, p in enumerate(plans):
+        k = p.common - g
+        ids[b, width - k :] = torch.tensor(p.rows[0][g : p.common], dtype=torch.long)
+        mask[b, g + width - k :] = 1
+        pos[b, width - k :] = torch.arange(g, p.common)
+    keep = max(p.common - p.low for p in plans)  # item b's position t is logits column t - common_b + keep
+    tails = [(b, r) for b, p in enumerate(plans) for r, row in enumerate(p.rows) if len(row) - p.common >= 2]
+    cache = None
+    if base is not None:
+        cache = copy.deepcopy(base)
+        cache.batch_repeat_interleave(n)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                use_cache=cache is not None or bool(tails), logits_to_keep=keep, **{cache_arg: cache})
+    logits = [out.logits]
+    tail_of = {br: j for j, br in enumerate(tails)}
+    if tails:
+        cache = getattr(out, cache_arg, None) or out.past_key_values
+        cache.batch_select_indices(torch.tensor([b for b, _ in tails], device=device))
+        twidth = max(len(plans[b].rows[r]) - plans[b].common - 1 for b, r in tails)
+        tids = torch.full((len(tails), twidth), pad_id, dtype=torch.long)
+        tmask = torch.cat([mask[[b for b, _ in tails]], torch.zeros((len(tails), twidth), dtype=torch.long)], 1)
+        tpos = torch.stack([torch.arange(plans[b].common, plans[b].common + twidth) for b, _ in tails])
+        for j, (b, r) in enumerate(tails):
+            tail = plans[b].rows[r][plans[b].common : -1]  # the last token is predicted, never read
+            tids[j, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+            tmask[j, g + width : g + width + len(tail)] = 1
+        logits.append(model(input_ids=tids.to(device), attention_mask=tmask.to(device), position_ids=tpos.to(device),
+                            use_cache=True, **{cache_arg: cache}).logits)
+    terms: list[list[tuple[int, int, int, int, int]]] = [[], []]  # per pass: (row, column, token, item, candidate)
+    for b, p in enumerate(plans):
+        for r, row in enumerate(p.rows):
+            for t in range(p.starts[r], len(row)):
+                if t - 1 < p.common:
+                    terms[0].append((b, t - 1 - p.common + keep, row[t], b, r))
+                else:
+                    terms[1].append((tail_of[b, r], t - 1 - p.common, row[t], b, r))
+    scores = [[0.0] * len(p.rows) for p in plans]
+    for found, step in zip(terms, logits, strict=False):  # no tail pass: no tail terms
+        if found:
+            at_row, at_col, token = (torch.tensor(x, device=step.device) for x in list(zip(*found, strict=True))[:3])
+            values = step[at_row, at_col, token].float() - torch.logsumexp(step.float(), -1)[at_row, at_col]
+            for (*_, b, r), value in zip(found, values.tolist(), strict=True):
+                scores[b][r] += value
     return scores
 
 
 def loglik_predict(
-    model: torch.nn.Module, tokenizer: Any, items: Sequence[EvalItem], batch_size: int = 4,
-    shared_prefix: bool = True,
+    model: torch.nn.Module, tokenizer: Any, items: Sequence[EvalItem], batch_size: int | None = None,
+    shared_prefix: bool = True, memory_budget: int | None = None,
 ) -> list[tuple[str, list[float]]]:
     """Per item: the candidate whose "the correct answer is <label>" is most likely after the prompt (first
     on ties), with every candidate's summed log-probability.
 
-    ``shared_prefix`` (default, for models with a KV cache): per item, the prompt runs once and only the
-    candidates' differing suffixes run per candidate. Otherwise ``batch_size`` counts items per forward call; all
-    candidates of an item are rows of the same call, and items are grouped by length to waste little on padding.
-    Both give the same scores (tested); the results keep the order of ``items``.
+    ``shared_prefix`` (default, for models with a KV cache and ``logits_to_keep``): the template's head that all
+    items share runs once, then each item's prompt (with the common part of its candidates) once, several items
+    per forward, and a candidate's tokens past that only when they are 2+ tokens wide. Otherwise every candidate
+    is a full row, all of an item's candidates in the same forward. Batches hold items of similar length, at
+    most ``batch_size`` (None: no cap) and as many as ``memory_budget`` bytes per forward allow (None: see
+    :func:`_default_budget`). Both ways give the same scores (tested); results keep the order of ``items``.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     pad_id = _pad_id(tokenizer)
     plans = []
     for item in _tokenized(items, tokenizer):
         assert item.prompt_ids is not None and item.candidate_ids is not None
         rows = [list(r) for r in item.candidate_ids]
-        plans.append((rows, [_response_start(item.prompt_ids, r) for r in rows]))
-    order = sorted(range(len(items)), key=lambda i: max(len(r) for r in plans[i][0]))
+        plans.append(_Plan(rows, [_response_start(item.prompt_ids, r) for r in rows], _common_prefix(rows)))
+    param = next(model.parameters())
+    budget = memory_budget or _default_budget(param.device)
+    config, esize = getattr(model, "config", None), param.element_size()
+    cache_arg = _cache_argument(model)
+    shared = shared_prefix and cache_arg is not None and _accepts(model, "logits_to_keep")
+    together = [i for i, p in enumerate(plans) if shared and p.common >= 1]
+    alone = sorted(set(range(len(items))) - set(together), key=lambda i: max(len(r) for r in plans[i].rows))
     results: list[tuple[str, list[float]] | None] = [None] * len(items)
-    shared = shared_prefix and _cache_argument(model) is not None and _accepts(model, "logits_to_keep")
     with _EvalMode(model):
-        for chunk in _chunks(order, 1 if shared else batch_size):
-            rows = [row for i in chunk for row in plans[i][0]]
-            starts = [s for i in chunk for s in plans[i][1]]
-            if shared:
-                scores = _score_item_shared_prefix(model, rows, starts)
-            else:
-                scores = _score_rows(model, rows, starts, pad_id)
-            pos = 0
+        if together:
+            assert cache_arg is not None
+            g, base = _shared_prefix(model, [plans[i] for i in together], cache_arg)
+            order = sorted(together, key=lambda i: plans[i].common)
+            # left padding needs the shared head: a padded query must see at least one real key
+            for chunk in _batches(order, lambda i: plans[i].common - g, lambda c: _cost(
+                    config, esize, [plans[i] for i in c], g), budget, batch_size if g else 1):
+                scores = _score_shared(model, [plans[i] for i in chunk], g, base, cache_arg, pad_id)
+                for i, mine in zip(chunk, scores, strict=True):
+                    results[i] = _pick(items[i], mine)
+        for chunk in _batches(alone, lambda i: max(len(r) for r in plans[i].rows), lambda c: _cost(
+                config, esize, [plans[i] for i in c], None), budget, batch_size):
+            scores = _score_rows(model, [r for i in chunk for r in plans[i].rows],
+                                 [s for i in chunk for s in plans[i].starts], pad_id)
             for i in chunk:
-                k = len(plans[i][0])
-                mine = scores[pos : pos + k]
-                pos += k
-                best = max(range(k), key=lambda j, mine=mine: (mine[j], -j))
-                results[i] = (items[i].candidates[best], mine)
+                results[i] = _pick(items[i], scores[: len(plans[i].rows)])
+                scores = scores[len(plans[i].rows) :]
     return [r for r in results if r is not None]
 
 
@@ -275,7 +382,7 @@ def generate_predict(
     device = next(model.parameters()).device
     results: list[tuple[str | None, str] | None] = [None] * len(items)
     with _EvalMode(model):
-        for chunk in _chunks(order, batch_size):
+        for chunk in (order[i : i + batch_size] for i in range(0, len(order), batch_size)):
             width = max(len(prompts[i]) for i in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)

@@ -2,11 +2,12 @@
 
 Per optimizer step t (``trainer.global_step`` counts them, never micro-batches):
 
-* ``on_before_optimizer_step``: ``allocator.observe(adapters, t)`` with complete gradients (after
-  accumulation and DDP all-reduce, unscaled, before clipping);
-* ``on_train_batch_end`` once ``global_step`` has advanced to t: ``plan = allocator.plan(adapters, t)``
-  on rank 0, broadcast to all ranks, then :func:`flexlora.events.apply_event` (adapters, optimizer-state
-  surgery, the allocator's trackers), then one record in the run's event log.
+* ``on_train_batch_end`` once ``global_step`` has advanced to t (the optimizer and the LR scheduler have
+  stepped; the gradients of step t are still there, accumulated, all-reduced, unscaled and clipped):
+  ``allocator.observe(adapters, t)`` on the updated weights (peft's ``update_and_allocate`` order), then
+  ``plan = allocator.plan(adapters, t)`` on rank 0, broadcast to all ranks, then
+  :func:`flexlora.events.apply_event` (adapters, optimizer-state surgery, the allocator's trackers), then one
+  record in the run's event log.
 
 Like Lightning's own stateful callbacks it validates early (``setup``: strategy, module, optimizer) and
 persists what a resume needs in its ``state_dict`` (allocator state, the new-slot generator, the event log,
@@ -33,6 +34,7 @@ from flexlora.eventlog import EventLog
 from flexlora.events import apply_event
 from flexlora.faults import fault_point
 from flexlora.optim import supports_slot_surgery
+from flexlora.optim.released import hold_peak_lr, reset_all_state
 from flexlora.plan import RankPlan
 from flexlora.training.module import AdaptedBackboneModule
 
@@ -53,6 +55,7 @@ class RankAllocationCallback(Callback):
         self.last_step = 0
         self.event_log = EventLog()  # the reporter gives it its file on rank 0
         self.listeners: list[EventListener] = []
+        self.lr_held = False  # optimizer_state=released_reset, from the first event on
         self._pending_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ setup and validation
@@ -96,11 +99,6 @@ class RankAllocationCallback(Callback):
 
     # ------------------------------------------------------------------ per step
     @override
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        assert self.allocator is not None and isinstance(pl_module, AdaptedBackboneModule)
-        self.allocator.observe(pl_module.adapters, trainer.global_step + 1)
-
-    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -110,13 +108,18 @@ class RankAllocationCallback(Callback):
             return
         self.last_step = step
         assert self.allocator is not None and isinstance(pl_module, AdaptedBackboneModule)
+        self.allocator.observe(pl_module.adapters, step)
         plan = self.allocator.plan(pl_module.adapters, step) if trainer.is_global_zero else None
         plan = trainer.strategy.broadcast(plan, src=0)
-        if plan is None or plan.is_empty():
-            return
-        apply_event(pl_module.adapters, plan, trainer.optimizers, self.generator, self.allocator)
-        self.events += 1
-        self._record(trainer, pl_module, plan)
+        if plan is not None and not plan.is_empty():
+            apply_event(pl_module.adapters, plan, trainer.optimizers, self.generator, self.allocator)
+            if getattr(pl_module.allocator_config, "optimizer_state", "surgery") == "released_reset":
+                reset_all_state(trainer.optimizers)
+                self.lr_held = True
+            self.events += 1
+            self._record(trainer, pl_module, plan)
+        if self.lr_held:  # after the scheduler's step: what it set never reaches training
+            hold_peak_lr(trainer.optimizers)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -174,6 +177,7 @@ class RankAllocationCallback(Callback):
             "generator": self.generator.get_state(),
             "events": self.events,
             "last_step": self.last_step,
+            "lr_held": self.lr_held,
             "records": list(self.event_log.records),
             "rng": _get_rng_state(),
         }
@@ -189,6 +193,7 @@ class RankAllocationCallback(Callback):
         self.generator.set_state(state["generator"])
         self.events = int(state["events"])
         self.last_step = int(state["last_step"])
+        self.lr_held = bool(state.get("lr_held", False))
         # the file is cut back to the checkpoint's events: what a killed run wrote later is redone, never doubled
         self.event_log.reset(state.get("records", []))
         if state.get("rng") is not None:  # continue the dropout stream where the checkpoint left it

@@ -12,6 +12,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from flexlora.adapters import SlotLoRALayer, inject, orthogonality_penalty
 from flexlora.allocators.config import AllocatorConfig, allocator_config
+from flexlora.backbones.heads import init_head, set_output_bias
 from flexlora.errors import FlexLoRAError
 from flexlora.families import EvalRecords, Family, make_family
 from flexlora.faults import fault_point
@@ -37,6 +38,7 @@ class AdaptedBackboneModule(L.LightningModule):
         task: Mapping[str, Any],
         optimizer: Callable[..., Optimizer],
         warmup_steps: float = 0,
+        head_lr: float | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -46,11 +48,16 @@ class AdaptedBackboneModule(L.LightningModule):
         self.allocator_config: AllocatorConfig = allocator_config(allocator)
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
+        self.head_lr = head_lr
         self.eval_splits = self.family.eval_splits
         self.model = self.family.build_model()
+        head_modules = list(backbone.get("head_modules") or [])
+        init_head(self.model, head_modules, seed)  # the same head for every allocator of a seed
+        if (bias := self.family.head_bias()) is not None:
+            set_output_bias(self.model, head_modules, bias)
         generator = torch.Generator().manual_seed(seed)
         self.adapters: dict[str, SlotLoRALayer] = inject(
-            self.model, _targets(backbone["target_modules"]), head_modules=list(backbone.get("head_modules") or []),
+            self.model, _targets(backbone["target_modules"]), head_modules=head_modules,
             generator=generator, **self.allocator_config.adapter_kwargs(),
         )
         self.eval_history: list[dict[str, float]] = []
@@ -123,14 +130,27 @@ class AdaptedBackboneModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters in two named groups: no weight decay on biases and LayerNorm."""
-        decay, no_decay = [], []
+        """Trainable parameters in named groups: adapters and head apart (the head may have its own lr,
+        ``head_lr``), and no weight decay on biases and LayerNorm."""
+        adapter_ids = {id(p) for layer in self.adapters.values() for p, _ in layer.slot_params()}
+        groups: dict[str, list[torch.nn.Parameter]] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if any(k in name for k in NO_DECAY) else decay).append(param)
-        groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
-        return [g for g in groups if g["params"]]
+            part = "adapter" if id(param) in adapter_ids else "head"
+            decay = "no_decay" if any(k in name for k in NO_DECAY) else "decay"
+            groups.setdefault(f"{part}_{decay}", []).append(param)
+        out = []
+        for key in ("adapter_decay", "adapter_no_decay", "head_decay", "head_no_decay"):
+            if key not in groups:
+                continue
+            group: dict[str, Any] = {"params": groups[key], "name": key}
+            if key.endswith("no_decay"):
+                group["weight_decay"] = 0.0
+            if key.startswith("head") and self.head_lr is not None:
+                group["lr"] = float(self.head_lr)
+            out.append(group)
+        return out
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.param_groups())

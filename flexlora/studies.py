@@ -1,0 +1,86 @@
+"""What the studies in ``experiments/`` share: a job queue that several workers drain, and grid selection.
+
+A study is a list of runs (an output folder plus Hydra overrides). Start one worker per core; each claims the
+next run nobody has claimed (an exclusive-create ``.claim`` file in its folder), so no run is done twice and a
+killed worker's run is redone after its claim is deleted. A finished run (complete metrics.json) is skipped.
+Selections read only the runs' tune-split metrics: a grid value is chosen on held-out training data, and a choice
+at the edge of its grid is reported so the grid can be widened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Job:
+    out: Path
+    overrides: tuple[str, ...]
+
+
+def claim(out: Path) -> bool:
+    """True for the one worker that creates ``out/.claim`` first."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(out / ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def done(job: Job) -> bool:
+    return (job.out / "metrics.json").is_file()
+
+
+def run_jobs(jobs: Iterable[Job], base: Sequence[str], train: Callable[[Any], Any] | None = None) -> None:
+    """Run every unclaimed, unfinished job through the framework's own ``train`` (``base`` overrides first)."""
+    from flexlora.conf_store import compose
+
+    if train is None:
+        from flexlora.train import train
+    for job in jobs:
+        if done(job) or not claim(job.out):
+            continue
+        train(compose(*base, *job.overrides, output_dir=job.out))
+        print(f"done {job.out}", flush=True)
+
+
+def wait_for(jobs: Sequence[Job], poll_s: float = 20.0) -> None:
+    """Block until every job has its metrics.json (other workers may still be running some)."""
+    while not all(done(j) for j in jobs):
+        time.sleep(poll_s)
+
+
+def final_metric(out: Path, key: str) -> float:
+    """A run's final metric; NaN (undefined, e.g. constant predictions) counts as -inf so it never wins."""
+    value = json.loads((out / "metrics.json").read_text())["final"][key]
+    return value if isinstance(value, float | int) and not math.isnan(value) else float("-inf")
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: float
+    score: float
+    at_edge: bool
+
+
+def best_of(scores: Mapping[float, float]) -> Choice:
+    """The grid value with the highest score (ties: the smaller value), and whether it sits at an edge."""
+    grid = sorted(scores)
+    best = max(grid, key=lambda v: (scores[v], -v))
+    return Choice(best, scores[best], best in (grid[0], grid[-1]))
+
+
+def widen(grid: Sequence[float], choice: Choice, factor: float = 2.0) -> list[float]:
+    """The grid plus one step beyond the edge the choice sits on (unchanged when it is interior)."""
+    values = sorted(grid)
+    if not choice.at_edge:
+        return values
+    return [values[0] / factor, *values] if choice.value == values[0] else [*values, values[-1] * factor]

@@ -1,0 +1,69 @@
+"""task.split=tune for commonsense: held-out training records, never trained on, the same for every seed."""
+
+from __future__ import annotations
+
+import pytest
+
+from flexlora.families.causal_lm import CausalLMFamily
+from tests.commonsense_fixtures import backbone, record, write_json
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    for name, answers in (("boolq", ["true", "false"]), ("openbookqa", ["answer1", "answer2", "answer3", "answer4"])):
+        records = []
+        for i in range(40):
+            answer = answers[i % len(answers)]
+            if name == "boolq":
+                records.append(record(f"Please answer true or false, question: q{i}?\n\nAnswer format: true/false",
+                                      answer))
+            else:
+                records.append(record(f"Question {i}\n\nAnswer format: answer1/answer2/answer3/answer4", answer))
+        write_json(tmp_path / name / "train.json", records)
+        write_json(tmp_path / name / "test.json", records[:5])
+    return tmp_path
+
+
+def _family(data_dir, seed: int, **task) -> CausalLMFamily:
+    spec = {"name": "commonsense", "data_dir": str(data_dir), "split": "tune", "tune_size": 12, "tune_seed": 3,
+            "eval_sets": ["boolq"], **task}
+    return CausalLMFamily(spec, backbone("tiny_llama"), seed)
+
+
+def test_tune_split_holds_out_training_records(data_dir):
+    family = _family(data_dir, seed=1)
+    family.check()
+    assert family.eval_splits == ["tune"]
+    data = family.load_data()
+    tune = data.evals["tune"]
+    assert len(tune) == 12 and len(data.train) == 80 - 12
+    assert {item.set_name for item in tune} == {"boolq", "openbookqa"}  # drawn from the whole pool
+    held_prompts = {item.prompt for item in tune}
+    from flexlora.data.commonsense import generate_prompt, read_records
+
+    trained = set()
+    for name in ("boolq", "openbookqa"):
+        for rec in read_records(data_dir / name / "train.json", name):
+            trained.add(generate_prompt(rec["instruction"], rec.get("input") or ""))
+    assert held_prompts <= trained
+    other_seed = _family(data_dir, seed=2).load_data().evals["tune"]
+    assert [i.prompt for i in other_seed] == [i.prompt for i in tune], "the held-out items must not follow the seed"
+    assert [i.idx for i in tune] == sorted(i.idx for i in tune)
+
+
+def test_tune_split_excludes_held_out_records_from_training(data_dir):
+    family = _family(data_dir, seed=1)
+    data = family.load_data()
+    held = {item.prompt for item in data.evals["tune"]}
+    from flexlora.families.causal_lm import load_tokenizer
+
+    tokenizer = load_tokenizer(backbone("tiny_llama"))
+    decoded = {tokenizer.decode(ex["input_ids"], skip_special_tokens=True) for ex in data.train}
+    assert not any(any(prompt.strip()[:40] in text for text in decoded) for prompt in held)
+
+
+def test_tune_size_must_leave_training_data(data_dir):
+    from flexlora.errors import FlexLoRAError
+
+    with pytest.raises(FlexLoRAError, match="tune_size"):
+        _family(data_dir, seed=1, tune_size=80).load_data()
