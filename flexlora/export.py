@@ -89,18 +89,26 @@ def compact(layer: SlotLoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_peft(module: Any, config: dict[str, Any]):
-    """A peft ``PeftModelForSequenceClassification`` holding exactly the trained adapter."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    """A peft ``PeftModelForSequenceClassification`` (or causal LM) holding exactly the run's trained adapter."""
+    head = list(config["backbone"].get("head_modules") or [])
+    family = module.family.spec.family
+    return adapted_to_peft(module.model, module.adapters, head, task_type={"classification": "SEQ_CLS",
+                                                                             "causal_lm": "CAUSAL_LM"}.get(family))
 
-    adapters: dict[str, SlotLoRALayer] = module.adapters
+
+def adapted_to_peft(model: nn.Module, adapters: dict[str, SlotLoRALayer], head_modules: list[str],
+                    task_type: str | None = None):
+    """(peft model, rank pattern) of any model adapted by :func:`flexlora.adapters.inject`: each adapter
+    compacted to its live slots, the head in ``modules_to_save``; ``task_type`` is peft's (e.g. ``SEQ_CLS``)."""
+    from peft import LoraConfig, get_peft_model
+
     ranks = {name: layer.live_rank for name, layer in adapters.items()}
     live = {name: r for name, r in ranks.items() if r > 0}
     if not live:
         raise FlexLoRAError("every adapter has rank 0: there is nothing to export")
-    scale = next(iter(adapters.values())).scale
+    first = next(iter(adapters.values()))
+    scale = first.scale
     default_r = Counter(live.values()).most_common(1)[0][0]
-    head = list(config["backbone"].get("head_modules") or [])
-    task_type = {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}.get(module.family.spec.family)
     peft_config = LoraConfig(
         task_type=task_type,
         r=default_r,
@@ -108,13 +116,12 @@ def to_peft(module: Any, config: dict[str, Any]):
         target_modules=sorted(live),
         rank_pattern=dict(live),
         alpha_pattern={name: r * scale for name, r in live.items()},
-        lora_dropout=next(iter(adapters.values())).dropout.p if isinstance(
-            next(iter(adapters.values())).dropout, nn.Dropout) else 0.0,
+        lora_dropout=first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in adapters.values()),
-        modules_to_save=head,
+        modules_to_save=list(head_modules),
         bias="none",
     )
-    base = unwrap(module.model)
+    base = unwrap(model)
     peft_model = get_peft_model(base, peft_config)
     with torch.no_grad():
         for name in live:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,8 @@ def test_reported_glue_metrics_equal_sklearn_and_scipy_on_the_runs_own_predictio
     assert [r["idx"] for r in rows] == list(range(200)) and {r["split"] for r in rows} == {"val"}
     y, p = [r["label"] for r in rows], [r["prediction"] for r in rows]
     constant = len(set(p)) == 1
-    assert metrics["degenerate"] == {"val": constant}
+    near_constant = task == "stsb" and statistics.pstdev(p) < 1e-3 * statistics.pstdev(y)  # regression only
+    assert metrics["degenerate"] == {"val": constant or near_constant}
     if task == "cola":
         assert same(final["val/mcc"], matthews_corrcoef(y, p))  # 0.0 for constant predictions, never 0.0256
         assert same(final["val/accuracy"], accuracy_score(y, p))

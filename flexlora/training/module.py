@@ -16,8 +16,7 @@ from flexlora.backbones.heads import init_head, set_output_bias
 from flexlora.errors import FlexLoRAError
 from flexlora.families import EvalRecords, Family, make_family
 from flexlora.faults import fault_point
-
-NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight", "LayerNorm.bias")
+from flexlora.optim.groups import param_groups
 
 
 class AdaptedBackboneModule(L.LightningModule):
@@ -130,27 +129,8 @@ class AdaptedBackboneModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters in named groups: adapters and head apart (the head may have its own lr,
-        ``head_lr``), and no weight decay on biases and LayerNorm."""
-        adapter_ids = {id(p) for layer in self.adapters.values() for p, _ in layer.slot_params()}
-        groups: dict[str, list[torch.nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            part = "adapter" if id(param) in adapter_ids else "head"
-            decay = "no_decay" if any(k in name for k in NO_DECAY) else "decay"
-            groups.setdefault(f"{part}_{decay}", []).append(param)
-        out = []
-        for key in ("adapter_decay", "adapter_no_decay", "head_decay", "head_no_decay"):
-            if key not in groups:
-                continue
-            group: dict[str, Any] = {"params": groups[key], "name": key}
-            if key.endswith("no_decay"):
-                group["weight_decay"] = 0.0
-            if key.startswith("head") and self.head_lr is not None:
-                group["lr"] = float(self.head_lr)
-            out.append(group)
-        return out
+        """Adapters and head apart (the head may have its own lr, ``head_lr``); no decay on biases and norms."""
+        return param_groups(self.named_parameters(), self.adapters, self.head_lr)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.param_groups())

@@ -1,0 +1,1 @@
+"""Adapters of :class:`flexlora.engine.RankAllocationEngine` to training loops other than Lightning."""
