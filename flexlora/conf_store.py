@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from flexlora.allocators.config import METHODS
+from flexlora.allocators.config import load_methods
 from flexlora.schemas import TASK_SCHEMAS, BackboneConfig
 from flexlora.tasks import task_spec
 
@@ -61,7 +61,7 @@ def _main_metric(task: Any, split: Any = "test") -> str:
 def register() -> None:
     """Store the schemas (allocator/<name>_schema, backbone/schema, task/<family>_schema) and the resolvers."""
     store = ConfigStore.instance()
-    for name, method in METHODS.items():
+    for name, method in load_methods().items():
         store.store(group="allocator", name=f"{name}_schema", node=hydra_schema(method.config))
     store.store(group="backbone", name="schema", node=hydra_schema(BackboneConfig))
     for name, schema in TASK_SCHEMAS.items():

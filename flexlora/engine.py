@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from flexlora.adapters import SlotLoRALayer, orthogonality_penalty
+from flexlora.adapters import SlotLoRALayer
 from flexlora.allocators import Allocator, build_allocator
 from flexlora.allocators.config import AllocatorConfig, allocator_config
 from flexlora.errors import FlexLoRAError
@@ -92,12 +92,18 @@ class RankAllocationEngine:
         self.event_log = EventLog()
         self.listeners: list[EventListener] = []
         self.last_plan: RankPlan | None = None
+        self.recorder: Any = None  # a DeltaGradRecorder while the allocator needs dL/d(dW)
 
     # ------------------------------------------------------------------ lifecycle
     def bind(self, optimizers: Optimizer | Iterable[Optimizer], total_steps: int) -> None:
         """Fix the optimizer(s) and the run length T; raises when the optimizer cannot follow rank changes."""
         self.optimizers = [optimizers] if isinstance(optimizers, Optimizer) else list(optimizers)
         self.allocator.bind(self.adapters, int(total_steps))
+        if "delta_grad" in self.allocator.requires and self.recorder is None:
+            from flexlora.adapters.delta_grad import DeltaGradRecorder
+
+            self.recorder = DeltaGradRecorder(self.adapters)
+            self.allocator.connect(delta_grad=self.recorder)
         if self.allocator.dynamic:
             for optimizer in self.optimizers:
                 if not supports_slot_surgery(optimizer):
@@ -114,6 +120,7 @@ class RankAllocationEngine:
                                "budget": None, "ranks": ranks, "importance": {}}])
 
     def end(self, step: int) -> None:
+        self.close()
         ranks = self.rank_pattern()
         self.event_log.append({"step": int(step), "event": None, "kind": "end", "total_rank": sum(ranks.values()),
                                "budget": None, "ranks": ranks, "importance": {}})
@@ -121,9 +128,13 @@ class RankAllocationEngine:
     # ------------------------------------------------------------------ per step
     def penalty(self) -> torch.Tensor | None:
         """``orth_reg`` x the orthogonality penalty to add to the loss (None for LoRA or ``orth_reg`` 0)."""
-        if self.config.orth_reg <= 0 or self.config.form != "svd":
-            return None
-        return self.config.orth_reg * orthogonality_penalty(self.adapters.values(), self.config.orth_form)
+        return self.allocator.penalty(self.adapters)
+
+    def close(self) -> None:
+        """Remove what ``bind`` attached to the model (gradient hooks)."""
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
 
     def observe(self, step: int) -> None:
         """After optimizer step ``step``, with its gradients still on the parameters."""
@@ -146,6 +157,8 @@ class RankAllocationEngine:
             record = self._record(plan)
         if self.lr_held:  # after the scheduler's step: what it set never reaches training
             hold_peak_lr(self.optimizers)
+        if self.recorder is not None and not self.allocator.still_requires("delta_grad"):
+            self.close()
         return record
 
     def step(self, step: int) -> dict[str, Any] | None:

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from flexlora.allocators.config import METHODS
+from flexlora.allocators.config import load_methods
 
 _LOADERS = {
     "classification": "AutoModelForSequenceClassification",
@@ -20,7 +20,7 @@ def model_card(metrics: Mapping[str, Any], ranks: Mapping[str, int], base_ref: s
     config = metrics.get("config", {})
     allocator = dict(config.get("allocator", {}))
     task = config.get("task", {})
-    method = METHODS.get(str(allocator.get("name")))
+    method = load_methods().get(str(allocator.get("name")))
     label = method.label if method else str(allocator.get("name"))
     values = list(ranks.values())
     spread = Counter(values)

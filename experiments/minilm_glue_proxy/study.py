@@ -1,13 +1,18 @@
-"""The MiniLM proxy study, redone so it can separate methods: per-method learning rates chosen on held-out
-*training* data, then three seeds on the dev sets, and paired comparisons between methods.
+"""The MiniLM proxy study on the fixed setup (same seeded head for every method, regression bias at the label
+mean, one head lr for all methods): lrs chosen on held-out *training* data, then seeds on the dev sets, and
+paired comparisons between methods.
 
-    python experiments/minilm_glue_proxy/study.py tune  [--shard 0/2]   # lr grid on task.split=tune, seed 1
-    python experiments/minilm_glue_proxy/study.py final [--shard 0/2]   # chosen lr, seeds 1-3, dev sets
-    python experiments/minilm_glue_proxy/study.py report                # tables into this folder
+    python experiments/minilm_glue_proxy/study.py run &  python experiments/minilm_glue_proxy/study.py run; wait
+    python experiments/minilm_glue_proxy/study.py report      # tables into this folder
 
-Every run is the framework's own train() with +experiment=minilm_glue_proxy, written under
-multirun/minilm_glue_proxy/<phase>/... (ignored by git); finished runs are skipped on a rerun. The lr of each
-method and task is the grid value with the best tune-split main metric (the dev set is never looked at).
+Stages (each worker drains a stage's queue, then waits for the other workers before the next):
+1. head lr: every method at its previous study's lr, ``model.head_lr`` in HEAD_GRID, on STS-B's and MRPC's tune
+   split (seed 1); the value with the best mean tune score over methods and tasks is used for all methods.
+2. method lr: per task and method, the grid value with the best tune-split main metric (seed 1); a choice at an
+   edge widens the grid by one factor-2 step (at most WIDEN times).
+3. final: the chosen lr, SEEDS on the dev sets; plus FlexLoRA with ``grow_std=auto`` at FlexLoRA's lr.
+Every run is the framework's own train() under multirun/minilm_glue_proxy_v2/ (ignored by git); finished runs
+are skipped on a rerun, and a killed worker's claimed run is redone once its ``.claim`` file is deleted.
 """
 
 from __future__ import annotations
@@ -20,114 +25,136 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-RUNS = REPO / "multirun" / "minilm_glue_proxy"
+RUNS = REPO / "multirun" / "minilm_glue_proxy_v2"
 sys.path.insert(0, str(REPO))
 
-TASKS = ("sst2", "mrpc", "stsb")
+from flexlora.studies import Choice, Job, best_of, final_metric, run_jobs, wait_for, widen  # noqa: E402
+
+BASE = ("+experiment=minilm_glue_proxy", "trainer.enable_progress_bar=false", "logger=none")
+TASKS = ("stsb", "mrpc", "sst2")
 METHODS = ("lora", "adalora", "flexlora")
-GRID = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)  # the SVD methods peaked at 4e-3 on SST-2: one step further
-SEEDS = (1, 2, 3, 4, 5)
-# the code-faithful new-slot std, run beside the default at FlexLoRA's chosen lr (the grow_std evidence)
-EXTRA_ARMS = {"flexlora_std1": ["allocator=flexlora", "allocator.grow_std=1.0"]}
+PREVIOUS_LR = {"lora": 1e-3, "adalora": 8e-3, "flexlora": 8e-3}  # the previous study's most frequent choices
+HEAD_GRID = (1e-3, 4e-3)
+HEAD_TASKS = ("stsb", "mrpc")
+LR_GRID = {"lora": (5e-4, 1e-3, 2e-3), "adalora": (4e-3, 8e-3, 1.6e-2), "flexlora": (4e-3, 8e-3, 1.6e-2)}
+WIDEN = 2
+SEEDS = (1, 2, 3)
+EXTRA = {"flexlora_auto": ("allocator=flexlora", "allocator.grow_std=auto")}
 
 
-def _train(out: Path, overrides: list[str]) -> None:
-    from flexlora.train import train
-    from tests.helpers import compose_config
-
-    if (out / "metrics.json").is_file():
-        return
-    train(compose_config("+experiment=minilm_glue_proxy", "trainer.enable_progress_bar=false", *overrides,
-                         output_dir=out))
-    print(f"done {out.relative_to(RUNS)}", flush=True)
-
-
-def tune_jobs() -> list[tuple[Path, list[str]]]:
-    return [(RUNS / "tune" / task / method / f"lr{lr:g}",
-             [f"task={task}", f"allocator={method}", f"model.optimizer.lr={lr}", "task.split=tune", "seed=1"])
-            for task in TASKS for method in METHODS for lr in GRID]
-
-
-def chosen_lr() -> dict[tuple[str, str], float]:
-    """(task, method) -> the grid lr with the best tune-split main metric (ties: the smaller lr)."""
+def _metric(task: str, split: str) -> str:
     from flexlora.tasks import task_spec
 
-    best: dict[tuple[str, str], tuple[float, float]] = {}
+    return task_spec(task).main_metric_for({"split": split})
+
+
+def head_jobs() -> list[Job]:
+    return [Job(RUNS / "head" / task / method / f"head{h:g}",
+                (f"task={task}", f"allocator={method}", f"model.optimizer.lr={PREVIOUS_LR[method]}",
+                 f"model.head_lr={h}", "task.split=tune", "seed=1"))
+            for task in HEAD_TASKS for method in METHODS for h in HEAD_GRID]
+
+
+def chosen_head_lr() -> float:
+    mean = {h: sum(final_metric(RUNS / "head" / t / m / f"head{h:g}", _metric(t, "tune"))
+                   for t in HEAD_TASKS for m in METHODS) / (len(HEAD_TASKS) * len(METHODS)) for h in HEAD_GRID}
+    return best_of(mean).value
+
+
+def lr_job(task: str, method: str, lr: float, head_lr: float) -> Job:
+    return Job(RUNS / "tune" / task / method / f"lr{lr:g}",
+               (f"task={task}", f"allocator={method}", f"model.optimizer.lr={lr}", f"model.head_lr={head_lr}",
+                "task.split=tune", "seed=1"))
+
+
+def lr_scores(task: str, method: str, grid: list[float]) -> dict[float, float]:
+    return {lr: final_metric(RUNS / "tune" / task / method / f"lr{lr:g}", _metric(task, "tune")) for lr in grid}
+
+
+def grids(head_lr: float, run: bool) -> dict[tuple[str, str], tuple[list[float], Choice]]:
+    """Per (task, method): the final grid and the choice, running (``run``) the widened grids' jobs."""
+    out = {}
     for task in TASKS:
-        key = task_spec(task).main_metric_for({"split": "tune"})
         for method in METHODS:
-            for lr in GRID:
-                path = RUNS / "tune" / task / method / f"lr{lr:g}" / "metrics.json"
-                value = json.loads(path.read_text())["final"][key]
-                value = value if value == value else float("-inf")  # NaN (constant predictions) never wins
-                if (task, method) not in best or value > best[(task, method)][1]:
-                    best[(task, method)] = (lr, value)
-    return {k: v[0] for k, v in best.items()}
+            grid = list(LR_GRID[method])
+            for _ in range(WIDEN + 1):
+                jobs = [lr_job(task, method, lr, head_lr) for lr in grid]
+                if run:
+                    run_jobs(jobs, BASE)
+                    wait_for(jobs)
+                choice = best_of(lr_scores(task, method, grid))
+                wider = widen(grid, choice)
+                if wider == grid or len(wider) > len(LR_GRID[method]) + WIDEN:
+                    break
+                grid = wider
+            out[(task, method)] = (grid, choice)
+    return out
 
 
-def final_jobs() -> list[tuple[Path, list[str]]]:
-    lrs = chosen_lr()
+def final_jobs(head_lr: float, choices: dict) -> list[Job]:
     jobs = []
     for task in TASKS:
         for seed in SEEDS:
             for method in METHODS:
-                jobs.append((RUNS / "final" / task / method / f"s{seed}",
-                             [f"task={task}", f"allocator={method}", f"model.optimizer.lr={lrs[(task, method)]}",
-                              f"seed={seed}"]))
-            for arm, overrides in EXTRA_ARMS.items() if seed <= 3 else ():
-                jobs.append((RUNS / "extra" / task / arm / f"s{seed}",
-                             [f"task={task}", *overrides, f"model.optimizer.lr={lrs[(task, 'flexlora')]}",
-                              f"seed={seed}"]))
+                lr = choices[(task, method)][1].value
+                jobs.append(Job(RUNS / "final" / task / method / f"s{seed}",
+                                (f"task={task}", f"allocator={method}", f"model.optimizer.lr={lr}",
+                                 f"model.head_lr={head_lr}", f"seed={seed}")))
+            for arm, overrides in EXTRA.items():
+                lr = choices[(task, "flexlora")][1].value
+                jobs.append(Job(RUNS / "extra" / task / arm / f"s{seed}",
+                                (f"task={task}", *overrides, f"model.optimizer.lr={lr}", f"model.head_lr={head_lr}",
+                                 f"seed={seed}")))
     return jobs
+
+
+def run() -> None:
+    jobs = head_jobs()
+    run_jobs(jobs, BASE)
+    wait_for(jobs)
+    head_lr = chosen_head_lr()
+    choices = grids(head_lr, run=True)
+    jobs = final_jobs(head_lr, choices)
+    run_jobs(jobs, BASE)
+    wait_for(jobs)
 
 
 def report() -> None:
     from flexlora.aggregate.cli import main as aggregate
 
-    lrs = chosen_lr()
-    lines = ["| task | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
-    for task in TASKS:
-        lines.append(f"| {task} | " + " | ".join(f"{lrs[(task, m)]:g}" for m in METHODS) + " |")
-    tune_rows = ["| task | method | " + " | ".join(f"lr {lr:g}" for lr in GRID) + " |",
-                 "|---|---|" + "---|" * len(GRID)]
-    from flexlora.tasks import task_spec
-
-    for task in TASKS:
-        key = task_spec(task).main_metric_for({"split": "tune"})
+    head_lr = chosen_head_lr()
+    lines = [f"Head lr (model.head_lr, every method): {head_lr:g}, chosen on the tune splits of "
+             f"{', '.join(HEAD_TASKS)} (seed 1; mean tune main metric x100 over methods and tasks):", ""]
+    lines += ["| task | method | " + " | ".join(f"head {h:g}" for h in HEAD_GRID) + " |",
+              "|---|---|" + "---|" * len(HEAD_GRID)]
+    for task in HEAD_TASKS:
         for method in METHODS:
-            cells = []
-            for lr in GRID:
-                value = json.loads((RUNS / "tune" / task / method / f"lr{lr:g}" / "metrics.json").read_text())["final"]
-                cells.append(f"{100 * value[key]:.2f}")
-            tune_rows.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
-    (HERE / "lr_selection.md").write_text("Chosen learning rates (best tune-split main metric, seed 1):\n\n"
-                                          + "\n".join(lines) + "\n\nTune-split main metric x100 per grid value:\n\n"
-                                          + "\n".join(tune_rows) + "\n")
+            cells = [100 * final_metric(RUNS / "head" / task / method / f"head{h:g}", _metric(task, "tune"))
+                     for h in HEAD_GRID]
+            lines.append(f"| {task} | {method} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    lines += ["", "Method lr (tune split, seed 1; main metric x100; **chosen**; grids widened at an edge):", "",
+              "| task | method | grid: score | chosen | at edge |", "|---|---|---|---|---|"]
+    for (task, method), (grid, choice) in grids(head_lr, run=False).items():
+        scores = lr_scores(task, method, grid)
+        cells = ", ".join(("**" if lr == choice.value else "") + f"{lr:g}: {100 * s:.2f}"
+                          + ("**" if lr == choice.value else "") for lr, s in scores.items())
+        lines.append(f"| {task} | {method} | {cells} | {choice.value:g} | {'yes' if choice.at_edge else 'no'} |")
+    (HERE / "lr_selection.md").write_text("\n".join(lines) + "\n")
     aggregate([str(RUNS / "final"), "--out", str(HERE)])
     for a, b in (("flexlora", "adalora"), ("flexlora", "lora"), ("adalora", "lora")):
-        out = HERE / f"compare_{a}_{b}"
-        aggregate([str(RUNS / "final"), "--compare", f"{a},{b}", "--out", str(out)])
+        aggregate([str(RUNS / "final"), "--compare", f"{a},{b}", "--out", str(HERE / f"compare_{a}_{b}")])
     aggregate([str(RUNS / "final" / t / "flexlora") for t in TASKS] + [str(RUNS / "extra"), "--rows",
               "allocator.name,allocator.grow_std", "--out", str(HERE / "grow_std")])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("phase", choices=("tune", "final", "report"))
-    parser.add_argument("--shard", default="0/1")
+    parser.add_argument("phase", choices=("run", "report"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from flexlora.conf_store import register
-
-    register()
-    if args.phase == "report":
-        report()
-        return
-    index, count = (int(x) for x in args.shard.split("/"))
-    jobs = tune_jobs() if args.phase == "tune" else final_jobs()
-    for i, (out, overrides) in enumerate(jobs):
-        if i % count == index:
-            _train(out, overrides)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    report() if args.phase == "report" else run()
+    print(json.dumps({"done": args.phase}))
 
 
 if __name__ == "__main__":

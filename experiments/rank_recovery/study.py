@@ -45,7 +45,12 @@ ARMS: dict[str, list[str]] = {
     "std_0.1": ["allocator=flexlora", "allocator.grow_std=0.1"],
     "std_0.02": ["allocator=flexlora", "allocator.grow_std=0.02"],
     "capacity_4x": ["allocator=flexlora", "allocator.max_rank=32"],
+    "std_auto": ["allocator=flexlora", "allocator.grow_std=auto"],
 }
+# the width arm (issue: new-slot scale at any width): the same problem on 512 x 512 matrices
+WIDE = ["backbone.width=512"]
+for _name in ("lora", "adalora", "flexlora", "std_1.0", "std_auto"):
+    ARMS[f"w512_{_name}"] = [*ARMS[_name], *WIDE]
 METRICS = ("val/relative_mse", "rank/spearman", "rank/energy")
 
 
@@ -55,11 +60,9 @@ def seeds(text: str) -> list[int]:
 
 
 def run_all(arms: list[str], seed_list: list[int], spectra: list[str], shard: tuple[int, int]) -> None:
-    from flexlora.conf_store import register
+    from flexlora.conf_store import compose
     from flexlora.train import train
-    from tests.helpers import compose_config
 
-    register()
     jobs = [(s, a, k) for s in spectra for a in arms for k in seed_list]
     for i, (spectrum, arm, seed) in enumerate(jobs):
         if i % shard[1] != shard[0]:
@@ -68,7 +71,7 @@ def run_all(arms: list[str], seed_list: list[int], spectra: list[str], shard: tu
         if (out / "metrics.json").is_file():
             continue
         overrides = ["+experiment=rank_recovery", *ARMS[arm], f"task.spectrum={spectrum}", f"seed={seed}"]
-        train(compose_config(*overrides, output_dir=out))
+        train(compose(*overrides, output_dir=out))
         print(f"{spectrum} {arm} s{seed} done", flush=True)
 
 

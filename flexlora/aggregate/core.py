@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flexlora.aggregate.collect import Run, seed_order, shown
-from flexlora.allocators.config import METHODS
+from flexlora.allocators.config import load_methods
 
 DAGGER = "†"
 
@@ -89,13 +89,14 @@ class Table:
 
 
 def row_order(key: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
-    order = list(METHODS)
+    order = list(load_methods())
     return (order.index(key[0]) if key[0] in order else len(order), key)
 
 
 def method_label(key: tuple[str, ...], row_keys: Sequence[str], params: float | None = None) -> str:
     """``FlexLoRA importance=entropy (1.90M)``: the method's paper name, extra row keys, trainable parameters."""
-    name = METHODS[key[0]].label if key and key[0] in METHODS else (key[0] if key else "?")
+    methods = load_methods()
+    name = methods[key[0]].label if key and key[0] in methods else (key[0] if key else "?")
     extras = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(row_keys[1:], key[1:], strict=False)]
     label = " ".join([name, *extras])
     if params is None:

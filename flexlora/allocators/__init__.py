@@ -47,17 +47,16 @@ def __getattr__(name: str) -> Any:
 
 def build_allocator(config: AllocatorConfig | Mapping[str, Any], seed: int = 0) -> Allocator:
     """The allocator for a validated config (or a plain mapping with a ``name``); ``seed`` seeds its own RNG."""
-    from flexlora.allocators.adalora import AdaLoRAAllocator
-    from flexlora.allocators.base import StaticAllocator
-    from flexlora.allocators.config import AdaLoRAConfig, FlexLoRAConfig, LoRAConfig, allocator_config
-    from flexlora.allocators.flexlora import FlexLoRAAllocator
+    from flexlora.allocators.config import allocator_config, load_methods
 
     if not isinstance(config, Mapping) and not hasattr(config, "name"):
         raise TypeError(f"expected an allocator config, got {type(config).__name__}")
     if isinstance(config, Mapping):
         config = allocator_config(config)
-    policies = {LoRAConfig: StaticAllocator, AdaLoRAConfig: AdaLoRAAllocator, FlexLoRAConfig: FlexLoRAAllocator}
-    return policies[type(config)](config, seed)  # type: ignore[arg-type,index]
+    method = load_methods()[config.name]
+    if type(config) is not method.config:
+        raise TypeError(f"allocator {config.name!r} expects {method.config.__name__}, got {type(config).__name__}")
+    return method.policy_class()(config, seed)
 
 
 __all__ = ["RankPlan", "build_allocator", *sorted(_EXPORTS)]

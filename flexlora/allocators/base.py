@@ -6,7 +6,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from flexlora.adapters.layer import SlotLoRALayer
+from flexlora.adapters.penalty import orthogonality_penalty
 from flexlora.allocators.config import AllocatorConfig
 from flexlora.errors import FlexLoRAError
 from flexlora.plan import RankPlan, SlotChange
@@ -23,10 +26,14 @@ class Allocator(ABC):
     """
 
     dynamic: bool = True
+    # what the loop must provide (the engine builds each when it binds and hands it over through ``connect``):
+    # "delta_grad": a DeltaGradRecorder, dL/d(dW) of every matrix each step (IncreLoRA's score)
+    requires: tuple[str, ...] = ()
 
     def __init__(self, config: AllocatorConfig, seed: int = 0) -> None:
         self.config = config
         self.seed = seed
+        self.services: dict[str, Any] = {}
         self.total_steps: int | None = None
         self.t_init = 0
         self.t_final = 0
@@ -42,6 +49,20 @@ class Allocator(ABC):
         self.total_steps = int(total_steps)
         self.t_init, self.t_final = self.config.resolve_steps(self.total_steps)
         self._validate(adapters)
+
+    def connect(self, **services: Any) -> None:
+        """Receive the services named in ``requires``."""
+        self.services.update(services)
+
+    def still_requires(self, service: str) -> bool:
+        """Whether ``service`` is still needed (the engine drops what is not, e.g. hooks after growth ends)."""
+        return service in self.requires
+
+    def penalty(self, adapters: Adapters) -> torch.Tensor | None:
+        """The allocator's extra loss term (weighted), or None: the orthogonality penalty of the SVD form."""
+        if self.config.orth_reg <= 0 or self.config.form != "svd":
+            return None
+        return self.config.orth_reg * orthogonality_penalty(adapters.values(), self.config.orth_form)
 
     def _validate(self, adapters: Adapters) -> None:  # noqa: B027 - optional hook
         """Allocator-specific checks against T and the number of matrices."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -297,22 +298,50 @@ def _coerce_choices(config: Any) -> None:
 
 @dataclass(frozen=True)
 class Method:
-    """One registered allocator: its config schema and the name the papers' tables use."""
+    """One registered allocator: its config schema, its policy (a class, or "module:Class" imported when first
+    built, so this module stays importable without torch) and the name the papers' tables use."""
 
     name: str
     label: str
     config: type[AllocatorConfig]
+    policy: Any
+
+    def policy_class(self) -> type:
+        if isinstance(self.policy, str):
+            module, _, attr = self.policy.partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return self.policy
 
 
-METHODS: dict[str, Method] = {
-    "lora": Method("lora", "LoRA", LoRAConfig),
-    "adalora": Method("adalora", "AdaLoRA", AdaLoRAConfig),
-    "flexlora": Method("flexlora", "FlexLoRA", FlexLoRAConfig),
-}
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, label: str, config: type[AllocatorConfig], policy: Any) -> Method:
+    """Register an allocator once: its config dataclass (the Hydra schema ``allocator/<name>_schema``) and its
+    policy. ``conf/allocator/<name>.yaml`` and an entry per budget preset make it selectable."""
+    if name in METHODS and METHODS[name].config is not config:
+        raise FlexLoRAError(f"allocator {name!r} is registered twice")
+    METHODS[name] = Method(name, label, config, policy)
+    return METHODS[name]
+
+
+register_method("lora", "LoRA", LoRAConfig, "flexlora.allocators.base:StaticAllocator")
+register_method("adalora", "AdaLoRA", AdaLoRAConfig, "flexlora.allocators.adalora:AdaLoRAAllocator")
+register_method("flexlora", "FlexLoRA", FlexLoRAConfig, "flexlora.allocators.flexlora:FlexLoRAAllocator")
+# methods whose config and policy share one module register themselves when it is imported
+EXTERNAL_METHODS = ("flexlora.allocators.increlora",)
+
+
+def load_methods() -> dict[str, Method]:
+    """Every registered method, the self-registering modules imported (they need torch)."""
+    for module in EXTERNAL_METHODS:
+        importlib.import_module(module)
+    return METHODS
 
 
 def allocator_config(values: Mapping[str, Any]) -> AllocatorConfig:
     """Build the validated config for ``values['name']``; unknown fields are an error, not ignored."""
+    load_methods()
     values = dict(values)
     name = values.get("name")
     if isinstance(name, enum.Enum):
