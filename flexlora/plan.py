@@ -18,7 +18,7 @@ GrowInit = Literal["zero_impact", "orthogonal", "small_value", "all_zero"]
 
 @dataclass(frozen=True)
 class GrowSpec:
-    """How a newly grown slot is initialised (DESIGN.md 4.3: zero-impact initialisation and its ablations).
+    """How a newly grown slot is initialised (docs/architecture.md §3.4: zero-impact initialisation and its ablations).
 
     ``std``: standard deviation of the new P column and Q row, or ``"auto"``: 1 / sqrt(length) per vector, so
     both have unit expected norm whatever the matrix width (a fixed std gives a squared norm of width x std^2).

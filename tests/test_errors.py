@@ -35,6 +35,7 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, tmp_path: Path, *nee
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_target_modules_matching_nothing(tmp_path, glue_dir):
     proc = cli(tmp_path, "backbone=tiny_deberta", "task=rte", f"task.data_dir={glue_dir / 'RTE'}",
                "backbone.target_modules=[qury_proj]")
@@ -49,6 +50,7 @@ def test_cli_unknown_option(tmp_path):
     assert_clean_failure(proc, tmp_path, "Could not find 'allocator/sora'", "flexlora")
 
 
+@pytest.mark.slow
 def test_cli_schedule_without_event_window(tmp_path, glue_dir):
     proc = cli(tmp_path, "backbone=tiny_deberta", "task=rte", f"task.data_dir={glue_dir / 'RTE'}",
                "task.max_train_samples=64", "trainer.max_steps=10", "allocator.t_init=6", "allocator.t_final=4",
@@ -214,6 +216,7 @@ def test_bad_vtab_folders(tmp_path, extra, image, overrides, needle):
     assert needle in message
 
 
+@pytest.mark.slow
 def test_bad_data_through_run_py_exits_2_without_traceback(tmp_path):
     root = commonsense_folder(tmp_path, {"input": "", "answer": "true"})
     proc = cli(tmp_path, "debug=tiny", "backbone=tiny_llama", "task=commonsense", f"task.data_dir={root}",

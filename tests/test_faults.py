@@ -18,6 +18,8 @@ import pytest
 
 from tests.fault_campaign import ENV, REPO, assert_same, command, launch, outcome
 
+pytestmark = pytest.mark.slow  # end-to-end tier: python -m pytest (README)
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, glue_dir) -> dict:

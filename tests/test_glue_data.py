@@ -47,7 +47,7 @@ def write_rte(folder: Path, train_rows: int = 12, dev_rows: int = 4) -> Path:
 # ---------------------------------------------------------------- real data: parity with the old reader
 @pytest.mark.parametrize("task", list(COUNTS))
 def test_same_rows_as_old_reader(task, real_glue_dir, tmp_path):
-    from tests.glue_reference import load_glue_tsv
+    from benchmarks.glue_reference import load_glue_tsv
 
     spec = SPECS[task]
     folder = real_glue_dir / spec.tsv_dir_names[0]
@@ -212,6 +212,7 @@ print(json.dumps({name: [f["filename"] for f in split.cache_files] for name, spl
 """
 
 
+@pytest.mark.slow
 def test_cache_reused_by_a_fresh_process(tmp_path):
     folder, cache, model = write_rte(tmp_path / "RTE", 300, 40), tmp_path / "cache", minilm_folder()
 

@@ -14,6 +14,8 @@ from flexlora.integrations.transformers import FlexLoRATrainer
 from flexlora.train import build
 from tests.helpers import tiny_run_config
 
+pytestmark = pytest.mark.slow  # end-to-end tier: python -m pytest (README)
+
 NO_DROPOUT = ("++backbone.config.hidden_dropout_prob=0.0", "++backbone.config.attention_probs_dropout_prob=0.0")
 
 

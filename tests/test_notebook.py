@@ -10,6 +10,8 @@ import pytest
 from flexlora.train import train
 from tests.helpers import tiny_run_config
 
+pytestmark = pytest.mark.slow  # end-to-end tier: python -m pytest (README)
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "rank_dynamics.ipynb"
 

@@ -17,6 +17,8 @@ import torch
 from flexlora.train import build
 from tests.helpers import tiny_run_config
 
+pytestmark = pytest.mark.slow  # end-to-end tier: python -m pytest (README)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -14,6 +14,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+pytestmark = pytest.mark.slow  # end-to-end tier: python -m pytest (README)
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}

@@ -31,15 +31,15 @@ sys.path.insert(0, str(REPO))
 from flexlora.studies import Choice, Job, best_of, final_metric, run_jobs, wait_for, widen  # noqa: E402
 
 BASE = ("+experiment=minilm_glue_proxy", "trainer.enable_progress_bar=false", "logger=none")
-TASKS = ("stsb", "mrpc", "sst2")
+TASKS = ("stsb", "mrpc")  # SST-2 and CoLA did not fit this session's CPU time (README)
 METHODS = ("lora", "adalora", "flexlora")
 PREVIOUS_LR = {"lora": 1e-3, "adalora": 8e-3, "flexlora": 8e-3}  # the previous study's most frequent choices
 HEAD_GRID = (1e-3, 4e-3)
-HEAD_TASKS = ("stsb", "mrpc")
+HEAD_TASKS = ("stsb",)  # the regression head, where the head decided the old table
 LR_GRID = {"lora": (5e-4, 1e-3, 2e-3), "adalora": (4e-3, 8e-3, 1.6e-2), "flexlora": (4e-3, 8e-3, 1.6e-2)}
 WIDEN = 2
 SEEDS = (1, 2, 3)
-EXTRA = {"flexlora_auto": ("allocator=flexlora", "allocator.grow_std=auto")}
+EXTRA: dict[str, tuple[str, ...]] = {}  # grow_std=auto was measured on rank recovery instead (README)
 
 
 def _metric(task: str, split: str) -> str:
@@ -143,8 +143,6 @@ def report() -> None:
     aggregate([str(RUNS / "final"), "--out", str(HERE)])
     for a, b in (("flexlora", "adalora"), ("flexlora", "lora"), ("adalora", "lora")):
         aggregate([str(RUNS / "final"), "--compare", f"{a},{b}", "--out", str(HERE / f"compare_{a}_{b}")])
-    aggregate([str(RUNS / "final" / t / "flexlora") for t in TASKS] + [str(RUNS / "extra"), "--rows",
-              "allocator.name,allocator.grow_std", "--out", str(HERE / "grow_std")])
 
 
 def main() -> None:

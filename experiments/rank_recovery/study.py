@@ -46,6 +46,7 @@ ARMS: dict[str, list[str]] = {
     "std_0.02": ["allocator=flexlora", "allocator.grow_std=0.02"],
     "capacity_4x": ["allocator=flexlora", "allocator.max_rank=32"],
     "std_auto": ["allocator=flexlora", "allocator.grow_std=auto"],
+    "increlora": ["allocator=increlora"],
 }
 # the width arm (issue: new-slot scale at any width): the same problem on 512 x 512 matrices
 WIDE = ["backbone.width=512"]

@@ -17,7 +17,7 @@ def apply_plan(
 
     Prunes run from the highest slot index down, so every planned index still names the slot the allocator
     meant when its turn comes (a prune only moves slots above it). Soft masking (lambda = 0 on a live slot)
-    is not a rank change and is not reported: it must not touch optimizer state (DESIGN.md 4.2). Matrices
+    is not a rank change and is not reported: it must not touch optimizer state (docs/architecture.md §3.1). Matrices
     are visited in adapter order so the draws from ``generator`` are the same on every process.
     """
     unknown = (set(plan.prune) | set(plan.grow) | set(plan.zero_lambda)) - set(adapters)

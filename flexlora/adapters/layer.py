@@ -1,8 +1,8 @@
 """The slot adapter layer: a frozen linear map plus a low-rank update with fixed slot capacity.
 
 Every adapted matrix holds ``max_rank`` slots. A slot ``i`` is the triplet (row ``i`` of ``lora_A``,
-entry ``i`` of ``lora_E``, column ``i`` of ``lora_B``). Shapes never change during training (DESIGN.md
-3.1), which keeps the optimizer, DDP buckets and checkpoints valid. The live slots are always the
+entry ``i`` of ``lora_E``, column ``i`` of ``lora_B``). Shapes never change during training (docs/architecture.md
+§2.1), which keeps the optimizer, DDP buckets and checkpoints valid. The live slots are always the
 contiguous prefix ``0 .. r-1``: pruning a slot swaps it with the last live one first, growing activates
 slot ``r``. The forward runs on views of that prefix, so slot capacity costs memory, not compute, and a
 dead slot adds exactly zero to the output and receives exactly zero gradient.
@@ -13,7 +13,7 @@ Two forms share the layer:
 * ``svd``:  ``dW = (alpha / r0) P diag(lambda) Q`` with lambda = 0 and P, Q ~ N(0, 0.02^2) (AdaLoRA).
   ``lora_B`` is P, ``lora_E`` is lambda, ``lora_A`` is Q.
 
-The scale ``alpha / r0`` is constant (DESIGN.md 3.2): it does not follow the live rank, so growing a
+The scale ``alpha / r0`` is constant (docs/architecture.md §2.2): it does not follow the live rank, so growing a
 slot with lambda = 0 leaves the output bit-identical.
 """
 
@@ -153,12 +153,6 @@ class SlotLoRALayer(nn.Module):
     @property
     def live_rank(self) -> int:
         return self.live.count
-
-    def live_slots(self) -> torch.Tensor:
-        return torch.arange(self.live.count)
-
-    def free_slots(self) -> torch.Tensor:
-        return torch.arange(self.live.count, self.max_rank)
 
     def live_lambda(self) -> torch.Tensor:
         """lambda of the live slots, in slot order (LoRA form has none: its slots have unit gain)."""

@@ -1,4 +1,4 @@
-"""Orthogonality penalty of the SVD form, over live slots only (DESIGN.md 4.2)."""
+"""Orthogonality penalty of the SVD form, over live slots only (docs/architecture.md §3.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""AdaLoRA (Zhang et al., ICLR 2023) as in its reference code and peft's ``RankAllocator`` (DESIGN.md 4.2)."""
+"""AdaLoRA (Zhang et al., ICLR 2023) as in its reference code and peft's ``RankAllocator``.
+
+Algorithm: docs/architecture.md §3.1.
+"""
 
 from __future__ import annotations
 

@@ -124,7 +124,7 @@ class LoRAConfig(AllocatorConfig):
 
 @dataclass
 class AdaLoRAConfig(AllocatorConfig):
-    """AdaLoRA: sensitivity-scored soft masking from n * rank down to n * target_rank (DESIGN.md 4.2)."""
+    """AdaLoRA: sensitivity-scored soft masking from n * rank down to n * target_rank (docs/architecture.md §3.1)."""
 
     name: str = field(default="adalora", metadata={"help": "allocator name"})
     target_rank: int = field(default=8, metadata={"help": "final average rank: the budget ends at n * target_rank"})
@@ -141,7 +141,7 @@ class AdaLoRAConfig(AllocatorConfig):
 
 @dataclass
 class FlexLoRAConfig(AllocatorConfig):
-    """FlexLoRA: entropy-scored prune-and-grow under the fixed total n * rank (DESIGN.md 4.3)."""
+    """FlexLoRA: entropy-scored prune-and-grow under the fixed total n * rank (docs/architecture.md §3.2)."""
 
     name: str = field(default="flexlora", metadata={"help": "allocator name"})
     budget_per_event: int = field(default=4, metadata={"help": "b0: matrices shrunk (and grown) per event"})

@@ -1,4 +1,4 @@
-"""FlexLoRA (Liu, Si, Jia, 2026): entropy-guided prune-and-grow under a fixed total rank (DESIGN.md 4.3)."""
+"""FlexLoRA (Liu, Si, Jia, 2026): entropy-guided prune-and-grow under a fixed total rank (docs/architecture.md §3.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-matrix importance scores (DESIGN.md 4.3) and AdaLoRA's per-slot sensitivity (DESIGN.md 4.2)."""
+"""Per-matrix importance scores (docs/architecture.md §3.2) and AdaLoRA's per-slot sensitivity (§3.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""AdamW with one step count per slot for adapter tensors (DESIGN.md 3.4).
+"""AdamW with one step count per slot for adapter tensors (docs/architecture.md §2.4).
 
 Adam's bias correction uses a step count. torch keeps one per tensor, so a slot revived after a prune
 would see ``1 - beta^t`` of an old tensor with fresh, zeroed moments: its first updates would be several

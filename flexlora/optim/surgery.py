@@ -4,7 +4,7 @@ Per-slot optimizer state follows the slots: a swap made to keep the live slots a
 the slots' moments and step counts too, and every reset slot (pruned, now dead, or newly grown) gets zero
 moments and a restarted step count, so its next update is exactly a fresh Adam first step. Nothing else
 changes: other slots, other parameters, the param groups and the LR scheduler are left as they are, and
-the optimizer object is never rebuilt (DESIGN.md 3.4).
+the optimizer object is never rebuilt (docs/architecture.md §2.4).
 """
 
 from __future__ import annotations

