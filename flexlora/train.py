@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flexlora.allocators.config import allocator_config
 from flexlora.conf_store import to_plain
+from flexlora.config_checks import check_ranges
 from flexlora.errors import FlexLoRAError
 from flexlora.eventlog import atomic_write_text, json_safe
 from flexlora.families import EvalRecords, make_family
@@ -48,7 +49,8 @@ def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
 
 
 def check_config(plain: dict[str, Any]) -> None:
-    """Everything that can be checked before a model is built: allocator fields, family and data paths."""
+    """Everything that can be checked before a model is built: ranges, allocator fields, family and data paths."""
+    check_ranges(plain)
     allocator_config(plain["allocator"])
     make_family(plain["task"], plain["backbone"], plain["seed"]).check()
 

@@ -39,6 +39,8 @@ HEAD_TASKS = ("stsb",)  # the regression head, where the head decided the old ta
 LR_GRID = {"lora": (5e-4, 1e-3, 2e-3), "adalora": (4e-3, 8e-3, 1.6e-2), "flexlora": (4e-3, 8e-3, 1.6e-2)}
 WIDEN = 2
 SEEDS = (1, 2, 3)
+# FlexLoRA runs with the width-free new-slot rule, the default chosen on the rank-recovery width arm (README)
+METHOD_ARGS = {"lora": (), "adalora": (), "flexlora": ("allocator.grow_std=auto",)}
 EXTRA: dict[str, tuple[str, ...]] = {}  # grow_std=auto was measured on rank recovery instead (README)
 
 
@@ -50,8 +52,8 @@ def _metric(task: str, split: str) -> str:
 
 def head_jobs() -> list[Job]:
     return [Job(RUNS / "head" / task / method / f"head{h:g}",
-                (f"task={task}", f"allocator={method}", f"model.optimizer.lr={PREVIOUS_LR[method]}",
-                 f"model.head_lr={h}", "task.split=tune", "seed=1"))
+                (f"task={task}", f"allocator={method}", *METHOD_ARGS[method],
+                 f"model.optimizer.lr={PREVIOUS_LR[method]}", f"model.head_lr={h}", "task.split=tune", "seed=1"))
             for task in HEAD_TASKS for method in METHODS for h in HEAD_GRID]
 
 
@@ -63,8 +65,8 @@ def chosen_head_lr() -> float:
 
 def lr_job(task: str, method: str, lr: float, head_lr: float) -> Job:
     return Job(RUNS / "tune" / task / method / f"lr{lr:g}",
-               (f"task={task}", f"allocator={method}", f"model.optimizer.lr={lr}", f"model.head_lr={head_lr}",
-                "task.split=tune", "seed=1"))
+               (f"task={task}", f"allocator={method}", *METHOD_ARGS[method], f"model.optimizer.lr={lr}",
+                f"model.head_lr={head_lr}", "task.split=tune", "seed=1"))
 
 
 def lr_scores(task: str, method: str, grid: list[float]) -> dict[float, float]:
@@ -98,8 +100,8 @@ def final_jobs(head_lr: float, choices: dict) -> list[Job]:
             for method in METHODS:
                 lr = choices[(task, method)][1].value
                 jobs.append(Job(RUNS / "final" / task / method / f"s{seed}",
-                                (f"task={task}", f"allocator={method}", f"model.optimizer.lr={lr}",
-                                 f"model.head_lr={head_lr}", f"seed={seed}")))
+                                (f"task={task}", f"allocator={method}", *METHOD_ARGS[method],
+                                 f"model.optimizer.lr={lr}", f"model.head_lr={head_lr}", f"seed={seed}")))
             for arm, overrides in EXTRA.items():
                 lr = choices[(task, "flexlora")][1].value
                 jobs.append(Job(RUNS / "extra" / task / arm / f"s{seed}",

@@ -185,7 +185,7 @@ class FlexLoRAConfig(AllocatorConfig):
         },
     )
     grow_std: Any = field(
-        default=0.1,
+        default=GROW_STD_AUTO,
         metadata={
             "help": "std of a new slot's P column and Q row: auto = 1/sqrt(width) per vector (unit expected norm "
             "at any width) | a number (1.0 = the released code; README)"
