@@ -50,7 +50,7 @@ ARMS: dict[str, list[str]] = {
 }
 # the width arm (issue: new-slot scale at any width): the same problem on 512 x 512 matrices
 WIDE = ["backbone.width=512"]
-for _name in ("lora", "adalora", "flexlora", "std_1.0", "std_auto"):
+for _name in ("lora", "adalora", "std_0.1", "std_1.0", "std_auto"):
     ARMS[f"w512_{_name}"] = [*ARMS[_name], *WIDE]
 METRICS = ("val/relative_mse", "rank/spearman", "rank/energy")
 

@@ -20,6 +20,8 @@ REPO = HERE.parents[1]
 RUNS = REPO / "multirun" / "smollm2_commonsense"
 sys.path.insert(0, str(REPO))
 
+from flexlora.studies import claim  # noqa: E402
+
 # Learning rates transferred from the MiniLM proxy's selection on held-out training data (the median over its
 # three tasks of each method's chosen grid value: experiments/minilm_glue_proxy/lr_selection.md), never from the
 # commonsense test sets: the SVD-form methods need a larger lr than LoRA at the same alpha / r0 (their update
@@ -29,16 +31,6 @@ JOBS = [("floor", 1, ["allocator=lora", "trainer.max_steps=0"])] + [
     (method, seed, [f"allocator={method}", f"model.optimizer.lr={LR[method]}"])
     for seed in (1, 2) for method in ("lora", "adalora", "flexlora")
 ]
-
-
-def claim(out: Path) -> bool:
-    """True for the one worker that creates out/.claim first (delete the claims of killed workers to retry)."""
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        os.close(os.open(out / ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return False
-    return True
 
 
 def run() -> None:
