@@ -27,29 +27,16 @@ from torch import nn
 
 from flexlora.adapters import SlotLoRALayer
 from flexlora.errors import FlexLoRAError
+from flexlora.rundir import METRICS, RANK_PATTERN, TRAINED_STATE, atomic_write_text, load_trained_state
 
-TRAINED_STATE = "trained_state.safetensors"
 log = logging.getLogger("flexlora.export")
-
-
-def save_trained_state(module: Any, run_dir: Path) -> Path:
-    """Called at the end of training: the final trained tensors, in the run folder (written, then renamed)."""
-    import os
-
-    from safetensors.torch import save_file
-
-    path = Path(run_dir) / TRAINED_STATE
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.trained_state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-    return path
 
 
 def load_run(run_dir: Path, ckpt: Path | None = None):
     """Rebuild the run's module with its trained weights (final state, or a Lightning checkpoint)."""
     from flexlora.training.module import AdaptedBackboneModule
 
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS
     if not metrics_path.is_file():
         raise FlexLoRAError(f"{run_dir} has no metrics.json: pass the folder of a finished run (hydra run dir)")
     config = json.loads(metrics_path.read_text())["config"]
@@ -60,12 +47,10 @@ def load_run(run_dir: Path, ckpt: Path | None = None):
     if ckpt is not None:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     else:
-        from safetensors.torch import load_file
-
         path = run_dir / TRAINED_STATE
         if not path.is_file():
             raise FlexLoRAError(f"{path} is missing; export from a checkpoint with --ckpt <run>/checkpoints/last.ckpt")
-        state = load_file(str(path))
+        state = load_trained_state(run_dir)
     module.load_trained_state_dict(state)
     return module.eval(), config
 
@@ -162,7 +147,6 @@ def _save_preprocessor(module: Any, backbone: dict[str, Any], folder: Path) -> N
 
 
 def export(run_dir: Path, out_dir: Path, merge: bool = False, ckpt: Path | None = None) -> dict[str, Any]:
-    from flexlora.eventlog import atomic_write_text
     from flexlora.modelcard import model_card
 
     module, config = load_run(run_dir, ckpt)
@@ -176,9 +160,9 @@ def export(run_dir: Path, out_dir: Path, merge: bool = False, ckpt: Path | None 
         base_ref = str(base_dir.resolve())
     peft_model.peft_config["default"].base_model_name_or_path = base_ref
     peft_model.save_pretrained(out_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / METRICS).read_text())
     atomic_write_text(out_dir / "README.md", model_card(metrics, ranks, base_ref, module.family.spec.family))
-    atomic_write_text(out_dir / "rank_pattern.json", json.dumps(ranks, indent=2))
+    atomic_write_text(out_dir / RANK_PATTERN, json.dumps(ranks, indent=2))
     _save_preprocessor(module, backbone, out_dir)
     summary = {"out": str(out_dir), "base_model": base_ref, "matrices": len(ranks), "total_rank": sum(ranks.values())}
     if merge:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flexlora.rundir import METRICS
+
 
 @dataclass(frozen=True)
 class Job:
@@ -36,7 +38,7 @@ def claim(out: Path) -> bool:
 
 
 def done(job: Job) -> bool:
-    return (job.out / "metrics.json").is_file()
+    return (job.out / METRICS).is_file()
 
 
 def run_jobs(jobs: Iterable[Job], base: Sequence[str], train: Callable[[Any], Any] | None = None) -> None:
@@ -60,7 +62,7 @@ def wait_for(jobs: Sequence[Job], poll_s: float = 20.0) -> None:
 
 def final_metric(out: Path, key: str) -> float:
     """A run's final metric; NaN (undefined, e.g. constant predictions) counts as -inf so it never wins."""
-    value = json.loads((out / "metrics.json").read_text())["final"][key]
+    value = json.loads((out / METRICS).read_text())["final"][key]
     return value if isinstance(value, float | int) and not math.isnan(value) else float("-inf")
 
 

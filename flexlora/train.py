@@ -24,8 +24,9 @@ from flexlora.allocators.config import allocator_config
 from flexlora.conf_store import to_plain
 from flexlora.config_checks import check_ranges
 from flexlora.errors import FlexLoRAError
-from flexlora.eventlog import atomic_write_text, json_safe
+from flexlora.eventlog import json_safe
 from flexlora.families import EvalRecords, make_family
+from flexlora.rundir import METRICS, PREDICTIONS, atomic_write_text, read_metrics, save_trained_state
 from flexlora.training.checkpoints import (
     PreemptionCheckpoint,
     is_stop_signal,
@@ -34,18 +35,8 @@ from flexlora.training.checkpoints import (
 )
 
 log = logging.getLogger("flexlora")
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.jsonl"
-
-
-def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
-    """The metrics of a finished run (a complete, parseable metrics.json with final metrics), else None."""
-    path = run_dir / METRICS_FILE
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return metrics if isinstance(metrics, dict) and metrics.get("final") else None
+METRICS_FILE, PREDICTIONS_FILE = METRICS, PREDICTIONS
+finished_metrics = read_metrics
 
 
 def check_config(plain: dict[str, Any]) -> None:
@@ -183,10 +174,8 @@ def _results(cfg: DictConfig, module: Any, trainer: L.Trainer, allocation: Any, 
 
 
 def _write_run(output_dir: Path, module: Any, result: dict[str, Any]) -> None:
-    from flexlora.export import save_trained_state
-
     write_predictions(output_dir / PREDICTIONS_FILE, module.last_records)
-    save_trained_state(module, output_dir)
+    save_trained_state(module.trained_state_dict(), output_dir)
     # NaN stays NaN here (Python's json writes it as a bare NaN token): an undefined metric must read as one
     atomic_write_text(output_dir / METRICS_FILE, json.dumps({**result, "config": json_safe(result["config"])},
                                                             indent=2))

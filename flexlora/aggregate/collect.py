@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexlora.rundir import METRICS, PREDICTIONS
 from flexlora.tasks import TASKS
 
 DEFAULT_ROWS = ("allocator.name",)
-PREDICTIONS = "predictions.jsonl"
 
 
 @dataclass
@@ -86,7 +86,7 @@ def metric_files(paths: Iterable[str | Path]) -> list[Path]:
             else:
                 files.append(path)
         elif path.is_dir():
-            files += sorted(path.rglob("metrics.json"))
+            files += sorted(path.rglob(METRICS))
         else:
             warn(f"{path} does not exist")
     return files

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing_extensions import override
 
 from flexlora.errors import FlexLoRAError
 from flexlora.faults import fault_point
+from flexlora.rundir import atomic_write
 
 log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
@@ -41,15 +41,11 @@ CKPT_DIR = "checkpoints"
 class AtomicCheckpointIO(TorchCheckpointIO):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("wb") as handle:
+        def write(handle: Any) -> None:
             torch.save(checkpoint, handle)
             fault_point("checkpoint_write", handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+
+        atomic_write(path, write, binary=True)
 
 
 def _readable(path: Path) -> str | None:

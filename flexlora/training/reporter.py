@@ -18,8 +18,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
-from flexlora.eventlog import EVENTS_FILE, atomic_write_text
+from flexlora.eventlog import EVENTS_FILE
 from flexlora.plots import dynamics_figure, heatmap_figure, importance_figure
+from flexlora.rundir import RANK_PATTERN, atomic_write_text
 from flexlora.training.callback import RankAllocationCallback
 from flexlora.training.module import AdaptedBackboneModule
 
@@ -95,7 +96,7 @@ class RankReporter(Callback):
         if not trainer.is_global_zero or not isinstance(pl_module, AdaptedBackboneModule):
             return
         ranks = pl_module.rank_pattern()
-        atomic_write_text(self.output_dir / "rank_pattern.json", json.dumps(ranks, indent=2))
+        atomic_write_text(self.output_dir / RANK_PATTERN, json.dumps(ranks, indent=2))
         records = self.allocation.event_log.records
         name = pl_module.allocator_config.name
         figures = {}
@@ -116,5 +117,5 @@ class RankReporter(Callback):
             if importance is not None:
                 self._log_figure(lg, "alloc/importance", importance)
             artifact = wandb.Artifact(f"rank_pattern-{lg.experiment.id}", type="rank_pattern")
-            artifact.add_file(str(self.output_dir / "rank_pattern.json"))
+            artifact.add_file(str(self.output_dir / RANK_PATTERN))
             lg.experiment.log_artifact(artifact)
