@@ -4,6 +4,12 @@ draw their dropout masks from different RNG streams, which is a difference of th
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -16,6 +22,7 @@ from tests.helpers import tiny_run_config
 
 pytestmark = pytest.mark.slow  # end-to-end tier: python -m pytest (README)
 
+REPO = Path(__file__).resolve().parents[1]
 NO_DROPOUT = ("++backbone.config.hidden_dropout_prob=0.0", "++backbone.config.attention_probs_dropout_prob=0.0")
 
 
@@ -99,3 +106,22 @@ def test_hf_trainer_and_run_py_give_the_same_rank_pattern_after_every_event(tmp_
     lightning_losses = [loss * accumulate for loss in recorder.losses]  # Lightning reports loss / accumulate
     assert losses == pytest.approx(lightning_losses, rel=1e-5, abs=1e-6)
     assert engine.rank_pattern() == module.rank_pattern()
+
+
+def _hf_ddp(tmp_path, mode: str) -> tuple[dict, dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    prefix = tmp_path / mode
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "tests/hf_ddp_probe.py", str(prefix), mode], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tuple(json.loads(Path(f"{prefix}.rank{r}").read_text()) for r in (0, 1))
+
+
+def test_hf_trainer_under_torchrun_applies_rank_zeros_plan_on_every_process(tmp_path):
+    rank0, rank1 = _hf_ddp(tmp_path, "broadcast")
+    assert rank0["world"] == rank1["world"] == 2
+    assert rank0["events"] == rank1["events"] > 0
+    assert rank0["log"] == rank1["log"] and rank0["ranks"] == rank1["ranks"]
+    local0, local1 = _hf_ddp(tmp_path, "local")  # control: without the broadcast the skewed rank plans its own
+    assert local0["log"] != local1["log"], "the skew did not make the ranks differ: the test would not catch it"

@@ -144,6 +144,41 @@ def report() -> str:
     return "\n".join(lines)
 
 
+WIDTH_ARMS = {64: ("std_auto", "std_0.1", "std_1.0", "lora", "adalora", "increlora"),
+              512: ("w512_std_auto", "w512_std_0.1", "w512_std_1.0", "w512_lora", "w512_adalora")}
+
+
+def width_report() -> str:
+    """The width arm (flat spectrum, this checkout's runs): every arm paired with FlexLoRA at grow_std=auto."""
+    results = load()
+    lines = ["| width | arm | n | rel. MSE | Spearman | energy | rel. MSE vs auto [95 % CI] (sign test) | "
+             "energy vs auto [95 % CI] (sign test) |", "|---|---|---|---|---|---|---|---|"]
+    for width, arms in WIDTH_ARMS.items():
+        base = results.get(("flat", arms[0]), {})
+        for arm in arms:
+            runs = results.get(("flat", arm), {})
+            if not runs:
+                continue
+            cells = []
+            for metric in METRICS:
+                values = [r[metric] for r in runs.values()]
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                cells.append(f"{statistics.fmean(values):.4f} ± {std:.4f}")
+            comparisons = []
+            for metric in ("val/relative_mse", "rank/energy"):
+                common = sorted(set(runs) & set(base))
+                if arm == arms[0] or not common:
+                    comparisons.append("–")
+                    continue
+                d, lo, hi, sign = paired([runs[s][metric] for s in common], [base[s][metric] for s in common])
+                comparisons.append(f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}] ({sign})")
+            name = arm.removeprefix("w512_")
+            lines.append(f"| {width} | {name} | {len(runs)} | {' | '.join(cells)} | {' | '.join(comparisons)} |")
+    text = "\n".join(lines) + "\n"
+    (HERE / "width.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arms", default="all")
@@ -151,9 +186,13 @@ def main() -> None:
     parser.add_argument("--spectra", default="flat,decaying")
     parser.add_argument("--shard", default="0/1")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--width-report", action="store_true", help="width.md: the width arm (grow_std rules)")
     args = parser.parse_args()
     if args.report:
         print(report())
+        return
+    if args.width_report:
+        print(width_report())
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     arms = list(ARMS) if args.arms == "all" else args.arms.split(",")
