@@ -159,7 +159,10 @@ def test_unknown_protocol(tmp_path):
 def test_undecodable_image_names_image_and_list_line(tmp_path):
     lists = {"train800val200.txt": "images/a.png 0\nimages/broken.png 1\n", "test.txt": "images/a.png 0\n"}
     folder = _task_folder(tmp_path / "t", lists, {"images/a.png": None, "images/broken.png": b"not a png"})
-    splits = load_vtab_splits(folder, "test")  # exists: the up-front check passes, decoding is lazy
+    with pytest.raises(FlexLoRAError) as early:  # found when the data is set up, before any training step
+        load_vtab_splits(folder, "test")
+    assert str(early.value).startswith(f"{folder / 'train800val200.txt'}:2: cannot decode image")
+    splits = load_vtab_splits(folder, "test", check_files=False)  # the lazy path still names file and line
     dataset = VTABImageDataset(splits["train"], load_image_processor(_backbone("tiny_vit")))
     assert dataset[0]["pixel_values"].shape == (3, 32, 32)
     with pytest.raises(FlexLoRAError) as err:

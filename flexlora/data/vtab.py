@@ -4,7 +4,8 @@ A task folder holds ``train800.txt``, ``val200.txt``, ``train800val200.txt`` and
 ``<relative image path> <integer label>`` per line. The papers' protocol (``split="test"``) trains on
 train800val200 and reports top-1 accuracy on test; ``split="tune"`` trains on train800 and evaluates on
 val200 for hyper-parameter search. The evaluation split is always called ``val`` so that every run logs
-``val/accuracy``. Images are decoded lazily, one per ``__getitem__``: a test set can hold ~20k images.
+``val/accuracy``. Every listed image is checked to exist and read as an image when the data is set up; pixels are
+decoded lazily, one per ``__getitem__``: a test set can hold ~20k images.
 """
 
 from __future__ import annotations
@@ -179,8 +180,8 @@ def load_vtab_splits(
 
     ``split="test"``: train800val200 / test (the papers' numbers); ``split="tune"``: train800 / val200.
     ``num_classes`` defaults to max label + 1 over all list files present; given explicitly, a label at or
-    beyond it is an error naming file and line. ``check_files`` checks up front, cheaply, that every image
-    path exists (a stat per file, no decoding); decoding errors surface lazily, naming file and line.
+    beyond it is an error naming file and line. ``check_files`` checks up front that every image exists and
+    reads as an image (no pixel decode); what only a full decode finds still surfaces lazily, naming file and line.
     """
     if split not in PROTOCOLS:
         raise FlexLoRAError(f"VTAB split must be 'test' (train800val200 -> test) or 'tune' (train800 -> val200), "
@@ -225,6 +226,9 @@ def load_vtab_splits(
 
 
 def _check_exist(entries: Sequence[VTABEntry]) -> None:
+    """Every listed image exists and its file is a readable image (header and integrity, ``PIL.Image.verify``:
+    no pixel decode, so a 20k-image test list costs seconds); a broken file is named with its list line now,
+    not when the batch holding it is drawn."""
     missing = [e for e in entries if not e[0].is_file()]
     if missing:
         first = missing[0]
@@ -233,6 +237,15 @@ def _check_exist(entries: Sequence[VTABEntry]) -> None:
             f"{first.where}: image {first[0]} does not exist{more}; paths are relative to the task folder "
             f"{first.source.parent}, check that images/ was extracted there"
         )
+    for entry in entries:
+        try:
+            with Image.open(entry[0]) as image:
+                image.verify()
+        except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            raise FlexLoRAError(
+                f"{entry.where}: cannot decode image {entry[0]} ({type(err).__name__}: {err}); replace the file or "
+                "remove its line from the list"
+            ) from err
 
 
 class VTABImageDataset(Dataset):
