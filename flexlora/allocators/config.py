@@ -127,6 +127,12 @@ class AdaLoRAConfig(AllocatorConfig):
     """AdaLoRA: sensitivity-scored soft masking from n * rank down to n * target_rank (docs/architecture.md §3.1)."""
 
     name: str = field(default="adalora", metadata={"help": "allocator name"})
+    rank: int = field(default=12, metadata={"help": "r0: initial rank per matrix; sets the constant scale alpha / r0"})
+    alpha: float = field(default=24.0, metadata={"help": "scale numerator (presets: alpha_per_rank x rank)"})
+    orth_reg: float = field(default=0.1, metadata={"help": "gamma: weight of the orthogonality penalty"})
+    t_init: float = field(default=0.1, metadata={"help": "steps (int) or fraction of T before the first event"})
+    t_final: float = field(default=0.2, metadata={"help": "steps (int) or fraction of T at the end, pattern fixed"})
+    delta_t: int = field(default=10, metadata={"help": "optimizer steps between allocation events"})
     target_rank: int = field(default=8, metadata={"help": "final average rank: the budget ends at n * target_rank"})
     beta1: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity I"})
     beta2: float = field(default=0.85, metadata={"help": "EMA factor of the uncertainty U"})
@@ -144,6 +150,10 @@ class FlexLoRAConfig(AllocatorConfig):
     """FlexLoRA: entropy-scored prune-and-grow under the fixed total n * rank (docs/architecture.md §3.2)."""
 
     name: str = field(default="flexlora", metadata={"help": "allocator name"})
+    orth_reg: float = field(default=0.1, metadata={"help": "gamma: weight of the orthogonality penalty"})
+    t_init: float = field(default=0.1, metadata={"help": "steps (int) or fraction of T before the first event"})
+    t_final: float = field(default=0.2, metadata={"help": "steps (int) or fraction of T at the end, pattern fixed"})
+    delta_t: int = field(default=10, metadata={"help": "optimizer steps between allocation events"})
     budget_per_event: int = field(default=4, metadata={"help": "b0: matrices shrunk (and grown) per event"})
     schedule: Schedule = field(
         default="constant",

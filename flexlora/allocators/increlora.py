@@ -50,6 +50,10 @@ class IncreLoRAConfig(AllocatorConfig):
     """IncreLoRA: gradient-scored incremental growth from init_rank up to n * rank."""
 
     name: str = field(default="increlora", metadata={"help": "allocator name"})
+    orth_reg: float = field(default=0.1, metadata={"help": "gamma: weight of the orthogonality penalty"})
+    t_init: float = field(default=0.1, metadata={"help": "steps (int) or fraction of T before the first event"})
+    t_final: float = field(default=0.3, metadata={"help": "steps (int) or fraction of T at the end, pattern fixed"})
+    delta_t: int = field(default=10, metadata={"help": "optimizer steps between allocation events"})
     init_rank: int = field(default=1, metadata={"help": "live rank per matrix at t = 0 (released lora_r: 1)"})
     top_h: int = field(default=4, metadata={"help": "matrices that gain rank per event (released scripts: 3-5)"})
     add_rank: int | None = field(
