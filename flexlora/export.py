@@ -75,10 +75,11 @@ def compact(layer: SlotLoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
 
 def to_peft(module: Any, config: dict[str, Any]):
     """A peft ``PeftModelForSequenceClassification`` (or causal LM) holding exactly the run's trained adapter."""
+    from flexlora.family_registry import family_entry
+
     head = list(config["backbone"].get("head_modules") or [])
-    family = module.family.spec.family
-    return adapted_to_peft(module.model, module.adapters, head, task_type={"classification": "SEQ_CLS",
-                                                                             "causal_lm": "CAUSAL_LM"}.get(family))
+    task_type = family_entry(module.family.spec.family).peft_task_type
+    return adapted_to_peft(module.model, module.adapters, head, task_type=task_type)
 
 
 def adapted_to_peft(model: nn.Module, adapters: dict[str, SlotLoRALayer], head_modules: list[str],
@@ -131,19 +132,11 @@ def base_reference(backbone: dict[str, Any]) -> str | None:
 
 
 def _save_preprocessor(module: Any, backbone: dict[str, Any], folder: Path) -> None:
-    family = module.family.spec.family
-    if family == "classification":
-        from flexlora.backbones.text import load_tokenizer
+    from flexlora.family_registry import family_entry
 
-        load_tokenizer(backbone).save_pretrained(folder)
-    elif family == "causal_lm":
-        from flexlora.families.causal_lm import load_tokenizer as load_lm_tokenizer
-
-        load_lm_tokenizer(backbone).save_pretrained(folder)
-    elif family == "image":
-        from flexlora.backbones.vision import load_image_processor
-
-        load_image_processor(backbone).save_pretrained(folder)
+    entry = family_entry(module.family.spec.family)
+    if entry.preprocessor is not None:
+        entry.resolve(entry.preprocessor)(backbone).save_pretrained(folder)
 
 
 def export(run_dir: Path, out_dir: Path, merge: bool = False, ckpt: Path | None = None) -> dict[str, Any]:

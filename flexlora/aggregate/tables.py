@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flexlora.aggregate.collect import DEFAULT_ROWS, Run, dedupe
+from flexlora.aggregate.collect import DEFAULT_ROWS, Run, dedupe, warn
 from flexlora.aggregate.core import Column, Table, build_table, method_label
-from flexlora.aggregate.families import TUNE, commonsense_tables, rank_recovery_tables, vtab_tables
+from flexlora.aggregate.families import TUNE
 from flexlora.tasks import TASKS
 
 GLUE_CAPTION = ("Mean ± sample std (ddof=1) over seeds, x100; n = seeds. Avg: one number per task "
@@ -52,12 +52,16 @@ def glue_tables(runs: Sequence[Run], row_keys: Sequence[str] = DEFAULT_ROWS) -> 
 
 
 def summarise(runs: Sequence[Run], row_keys: Sequence[str] = DEFAULT_ROWS) -> list[Table]:
-    """Every family's tables: GLUE-style (per backbone), commonsense, VTAB-1k, rank recovery."""
+    """Every registered family's tables (flexlora.family_registry), in registration order; runs of a family
+    without a registered table rule are reported, never silently dropped."""
+    from flexlora.family_registry import FAMILIES
+
     by_family: dict[str, list[Run]] = {}
     for run in runs:
         by_family.setdefault(run.family, []).append(run)
-    tables = glue_tables(by_family.get("classification", []), row_keys)
-    tables += commonsense_tables(by_family.get("causal_lm", []), row_keys)
-    tables += vtab_tables(by_family.get("image", []), row_keys)
-    tables += rank_recovery_tables(by_family.get("synthetic", []), row_keys)
+    tables: list[Table] = []
+    for name, entry in FAMILIES.items():
+        tables += entry.resolve(entry.tables)(by_family.get(name, []), row_keys)
+    for name in sorted(set(by_family) - set(FAMILIES)):
+        warn(f"{len(by_family[name])} run(s) of task family {name!r} have no table rule (flexlora.family_registry)")
     return tables

@@ -7,26 +7,13 @@ from typing import Any
 
 from flexlora.errors import FlexLoRAError
 from flexlora.families.base import EvalRecords, Family, TaskData
+from flexlora.family_registry import FAMILIES, family_entry, register_family
 from flexlora.tasks import task_spec
-
-BACKBONES_FOR = {
-    "classification": "minilm, tiny_deberta, deberta_v3_base",
-    "causal_lm": "tiny_llama, smollm2_135m, llama3_8b",
-    "image": "tiny_vit, vit_b16_in21k",
-    "synthetic": "synthetic",
-}
 
 
 def family_class(name: str) -> type[Family]:
-    if name == "classification":
-        from flexlora.families.classification import ClassificationFamily as cls
-    elif name == "causal_lm":
-        from flexlora.families.causal_lm import CausalLMFamily as cls
-    elif name == "image":
-        from flexlora.families.image import ImageFamily as cls
-    else:
-        from flexlora.families.synthetic import SyntheticFamily as cls
-    return cls
+    entry = family_entry(name)
+    return entry.resolve(entry.family)
 
 
 def make_family(task: Mapping[str, Any], backbone: Mapping[str, Any], seed: int = 0) -> Family:
@@ -36,9 +23,9 @@ def make_family(task: Mapping[str, Any], backbone: Mapping[str, Any], seed: int 
     if backbone_family != spec.family:
         raise FlexLoRAError(
             f"task={spec.name} is a {spec.family} task but backbone={backbone.get('name')} is a {backbone_family} "
-            f"backbone; choose one of: backbone={BACKBONES_FOR[spec.family]}"
+            f"backbone; choose one of: backbone={family_entry(spec.family).backbones}"
         )
     return family_class(spec.family)(task, backbone, seed)
 
 
-__all__ = ["EvalRecords", "Family", "TaskData", "family_class", "make_family"]
+__all__ = ["FAMILIES", "EvalRecords", "Family", "TaskData", "family_class", "make_family", "register_family"]
