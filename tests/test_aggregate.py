@@ -144,9 +144,8 @@ def test_rows_by_extra_config_key(tmp_path):
 def test_cli_writes_markdown_csv_png(sweep, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    command = str(Path(sys.executable).with_name("flexlora-aggregate"))  # the installed console script
-    proc = subprocess.run([command, str(sweep), "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([str(Path(sys.executable).with_name("flexlora-aggregate")), str(sweep), "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| FlexLoRA (1.90M) | 90.50 ± 0.71 / 92.50 ± 0.71 (n=2) | 91.00 ± 1.41 / 87.00 ± 1.41 (n=2) | " \
            "83.00 ± 3.61 (n=3) | 87.83 |" in proc.stdout
