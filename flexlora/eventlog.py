@@ -14,9 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flexlora.rundir import EVENTS, atomic_write_text
-
-EVENTS_FILE = EVENTS
+from flexlora.rundir import atomic_write_text
 
 
 def json_safe(value: Any) -> Any:

@@ -35,8 +35,6 @@ from flexlora.training.checkpoints import (
 )
 
 log = logging.getLogger("flexlora")
-METRICS_FILE, PREDICTIONS_FILE = METRICS, PREDICTIONS
-finished_metrics = read_metrics
 
 
 def check_config(plain: dict[str, Any]) -> None:
@@ -116,8 +114,8 @@ def train(cfg: DictConfig) -> float | None:
     output_dir.mkdir(parents=True, exist_ok=True)
     metric = cfg.get("optimized_metric")
     mode = cfg.get("ckpt_path")
-    if mode == "auto" and (done := finished_metrics(output_dir)) is not None:
-        log.info("skip: %s is a finished run (complete %s); delete it to train again", output_dir, METRICS_FILE)
+    if mode == "auto" and (done := read_metrics(output_dir)) is not None:
+        log.info("skip: %s is a finished run (complete %s); delete it to train again", output_dir, METRICS)
         return done["final"].get(metric) if metric else None
     check_config(to_plain(cfg))
     ckpt = resolve_checkpoint(mode, output_dir)
@@ -161,7 +159,7 @@ def _results(cfg: DictConfig, module: Any, trainer: L.Trainer, allocation: Any, 
         "history": module.eval_history,
         "degenerate": {split: bool(module.degenerate.get(split)) for split in module.eval_splits},
         "degenerate_reason": dict(module.degenerate),
-        "predictions": PREDICTIONS_FILE,
+        "predictions": PREDICTIONS,
         "rank_pattern": rank_pattern,
         "total_rank": sum(rank_pattern.values()),
         "trainable_params": module.trainable_parameters(),
@@ -174,15 +172,15 @@ def _results(cfg: DictConfig, module: Any, trainer: L.Trainer, allocation: Any, 
 
 
 def _write_run(output_dir: Path, module: Any, result: dict[str, Any]) -> None:
-    write_predictions(output_dir / PREDICTIONS_FILE, module.last_records)
+    write_predictions(output_dir / PREDICTIONS, module.last_records)
     save_trained_state(module.trained_state_dict(), output_dir)
     # NaN stays NaN here (Python's json writes it as a bare NaN token): an undefined metric must read as one
-    atomic_write_text(output_dir / METRICS_FILE, json.dumps({**result, "config": json_safe(result["config"])},
+    atomic_write_text(output_dir / METRICS, json.dumps({**result, "config": json_safe(result["config"])},
                                                             indent=2))
     log.info("metrics: %s", json.dumps(result["final"]))
     for split, why in module.degenerate.items():
         log.warning("DEGENERATE %s: %s", split, why)
-    log.info("wrote %s", output_dir / METRICS_FILE)
+    log.info("wrote %s", output_dir / METRICS)
 
 
 def write_predictions(path: Path, records: dict[str, EvalRecords]) -> None:

@@ -17,6 +17,14 @@ from flexlora.plan import RankPlan, SlotChange
 Adapters = Mapping[str, SlotLoRALayer]
 
 
+def orthogonality_term(config: AllocatorConfig, adapters: Adapters) -> torch.Tensor | None:
+    """The unweighted orthogonality penalty when ``config`` uses one (SVD form, orth_reg > 0), else None; the
+    Lightning module and every allocator's ``penalty`` share it."""
+    if config.orth_reg <= 0 or config.form != "svd":
+        return None
+    return orthogonality_penalty(adapters.values(), config.orth_form)
+
+
 class Allocator(ABC):
     """Decides rank changes; never mutates adapters (the caller applies the returned plan).
 
@@ -60,9 +68,8 @@ class Allocator(ABC):
 
     def penalty(self, adapters: Adapters) -> torch.Tensor | None:
         """The allocator's extra loss term (weighted), or None: the orthogonality penalty of the SVD form."""
-        if self.config.orth_reg <= 0 or self.config.form != "svd":
-            return None
-        return self.config.orth_reg * orthogonality_penalty(adapters.values(), self.config.orth_form)
+        raw = orthogonality_term(self.config, adapters)
+        return None if raw is None else self.config.orth_reg * raw
 
     def _validate(self, adapters: Adapters) -> None:  # noqa: B027 - optional hook
         """Allocator-specific checks against T and the number of matrices."""

@@ -10,7 +10,8 @@ import torch
 from torch.optim import Optimizer
 from transformers import get_linear_schedule_with_warmup
 
-from flexlora.adapters import SlotLoRALayer, inject, orthogonality_penalty
+from flexlora.adapters import SlotLoRALayer, inject
+from flexlora.allocators.base import orthogonality_term
 from flexlora.allocators.config import AllocatorConfig, allocator_config
 from flexlora.backbones.heads import init_head, set_output_bias
 from flexlora.errors import FlexLoRAError
@@ -75,10 +76,9 @@ class AdaptedBackboneModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         task_loss = self.family.training_loss(self.model, batch)
         loss = task_loss
-        gamma = self.allocator_config.orth_reg
-        if gamma > 0 and self.allocator_config.form == "svd":  # LoRA has no orthogonality penalty
-            penalty = orthogonality_penalty(self.adapters.values(), self.allocator_config.orth_form)
-            loss = loss + gamma * penalty
+        penalty = orthogonality_term(self.allocator_config, self.adapters)  # None for LoRA
+        if penalty is not None:
+            loss = loss + self.allocator_config.orth_reg * penalty
             self.log("train/orth", penalty.detach(), on_step=True, on_epoch=False)
         if not torch.isfinite(loss):
             raise FlexLoRAError(

@@ -18,9 +18,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
-from flexlora.eventlog import EVENTS_FILE
 from flexlora.plots import dynamics_figure, heatmap_figure, importance_figure
-from flexlora.rundir import RANK_PATTERN, atomic_write_text
+from flexlora.rundir import EVENTS, RANK_PATTERN, atomic_write_text
 from flexlora.training.callback import RankAllocationCallback
 from flexlora.training.module import AdaptedBackboneModule
 
@@ -56,7 +55,7 @@ class RankReporter(Callback):
 
     @property
     def path(self) -> Path:
-        return self.output_dir / EVENTS_FILE
+        return self.output_dir / EVENTS
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
