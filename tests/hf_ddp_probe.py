@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -71,6 +72,18 @@ def main(prefix: str, mode: str) -> None:
         "world": world, "events": engine.events, "ranks": engine.rank_pattern(),
         "log": [r["ranks"] for r in engine.event_log.events()],
     }))
+    if torch.distributed.is_initialized():
+        # Leave without tearing gloo down. Its teardown can deadlock (the DDP reducer's ProcessGroupGloo destructor
+        # joins a worker that waits for the GIL the destructor holds) or abort at interpreter exit ("terminate
+        # called without an active exception", seen once in CI). Both ranks first meet on the launcher's store, so
+        # neither leaves while the other still has a collective pending; the files are written by then.
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.add("probe_done", 1)
+        while store.add("probe_done", 0) < world:
+            time.sleep(0.01)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

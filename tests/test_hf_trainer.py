@@ -111,9 +111,13 @@ def test_hf_trainer_and_run_py_give_the_same_rank_pattern_after_every_event(tmp_
 def _hf_ddp(tmp_path, mode: str) -> tuple[dict, dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     prefix = tmp_path / mode
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "tests/hf_ddp_probe.py", str(prefix), mode], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/hf_ddp_probe.py",
+               str(prefix), mode]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # A C++ thread-teardown abort in gloo at process exit (not a decision of ours) was seen once on a loaded CI
+        # machine; one rerun tells that flake from a real failure, which repeats deterministically.
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tuple(json.loads(Path(f"{prefix}.rank{r}").read_text()) for r in (0, 1))
 
