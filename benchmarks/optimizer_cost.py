@@ -1,7 +1,8 @@
 """The fixed per-step cost of allocation: SlotAdamW next to torch's AdamW, and the orthogonality penalty.
 
 On the 36 adapted matrices of MiniLM (6 layers x q, k, v, attention-out 384x384, FFN-in 384->1536, FFN-out
-1536->384; SVD form, r0 = 8) plus a 384 -> 2 head, at slot capacity 2x and 4x r0:
+1536->384; SVD form, r0 = 8) plus a 384 -> 2 head, at slot capacity 1x r0 (static LoRA: every slot live, so
+AdamW runs over exactly the same parameters), 2x and 4x r0:
 
 * ``slot_adamw``: ``SlotAdamW.step`` with every live slot at one step count (LoRA, FlexLoRA between events);
   ``slot_adamw_mixed_counts``: the same after an event restarted the counts of some slots (per-slot factors);
@@ -37,7 +38,7 @@ MINILM = (
 )
 MINILM_LAYERS = 6
 RANK = 8
-CAPACITIES = (2, 4)  # slot capacity as a multiple of r0
+CAPACITIES = (1, 2, 4)  # slot capacity as a multiple of r0
 OPTIMIZERS = ("slot_adamw", "slot_adamw_mixed_counts", "adamw_foreach", "adamw_foreach_r0")
 PENALTIES = ("penalty_fwd_bwd", "penalty_fwd_bwd_mixed_ranks")
 

@@ -22,7 +22,8 @@ from flexlora.optim import SlotAdamW, reset_slots
 
 # ------------------------------------------------------------------------------------------------ oracles
 class OracleSlotAdamW(SlotAdamW):
-    """SlotAdamW's former step: one tensor at a time."""
+    """SlotAdamW's step one tensor at a time: torch AdamW's formulas with a step size and a bias correction
+    per slot (``param + (-size * exp_avg) / denom``, the rounding of torch's ``addcdiv_`` with a scalar)."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -58,11 +59,12 @@ class OracleSlotAdamW(SlotAdamW):
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 shape = [1] * param.dim()
                 shape[dim] = -1
-                t = steps.to(device=param.device, dtype=torch.float64)
-                step_size = (lr / (1 - beta1**t)).to(param.dtype).view(shape)
-                bias_correction2_sqrt = (1 - beta2**t).sqrt().to(param.dtype).view(shape)
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                param.sub_(exp_avg / denom * step_size)
+                counts = steps.tolist()  # torch AdamW's factors, in Python floats, per slot
+                step_size = torch.tensor([-(lr / (1 - beta1**t)) for t in counts], dtype=torch.float64)
+                bias_correction2_sqrt = torch.tensor([(1 - beta2**t) ** 0.5 for t in counts], dtype=torch.float64)
+                step_size = step_size.to(param.dtype).view(shape)
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt.to(param.dtype).view(shape)).add_(eps)
+                param.addcdiv_(exp_avg * step_size, denom)
         return loss
 
 
@@ -183,6 +185,9 @@ def test_slot_adamw_bit_identical_to_per_tensor_arithmetic(wd):
     assert torch.equal(ours.state[model["empty"].lora_A]["step"], torch.zeros(8))
     dead = model["wide"].lora_B[:, 20:]
     assert torch.equal(dead, frozen["wide.lora_B"][:, 20:])  # dead slots: no update, no weight decay
+    # lora_B with dead slots: its moments keep the slot axis outermost (a dense live prefix, staged updates)
+    assert ours.state[model["wide"].lora_B]["exp_avg"].stride() == (1, 40)
+    assert ours.state[model["lora"].lora_B]["exp_avg"].stride() == (1, 24)
 
 
 def test_slot_adamw_uniform_counts_take_the_scalar_path_bit_identically():
@@ -202,6 +207,42 @@ def test_slot_adamw_uniform_counts_take_the_scalar_path_bit_identically():
         ]
     )
     assert counts.unique().tolist() == [5.0]
+
+
+def test_slot_adamw_with_one_count_is_torch_adamw_on_the_live_slots():
+    """The reference is torch itself: with one step count over all live slots (LoRA; FlexLoRA between events),
+    every float32/float64 live prefix and the head change bit for bit as under torch.optim.AdamW(foreach=True)
+    run on copies of those prefixes, with the same groups; dead slots do not change at all."""
+    model = slot_model(5)
+    del model["bf16"]  # reduced precision: torch divides by a scalar as a multiply by its reciprocal
+    names = [n for n, q in model.named_parameters() if q.requires_grad]
+    params = dict(model.named_parameters())
+
+    def live(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        axis = slot_axis(params[name])
+        return tensor if axis is None else tensor.narrow(axis.dim, 0, axis.live.count)
+
+    copies = {n: nn.Parameter(live(n, params[n].detach()).clone()) for n in names}
+    groups = [names[::2], names[1::2]]
+    ours = SlotAdamW([{"params": [params[n] for n in g], "lr": lr} for g, lr in zip(groups, (3e-2, 1e-2), strict=True)],
+                     weight_decay=0.05)
+    torch_adamw = torch.optim.AdamW(
+        [{"params": [copies[n] for n in g], "lr": lr} for g, lr in zip(groups, (3e-2, 1e-2), strict=True)],
+        weight_decay=0.05, foreach=True,
+    )
+    before = {n: params[n].detach().clone() for n in names}
+    generator = torch.Generator().manual_seed(6)
+    for _ in range(6):
+        for n in names:
+            grad = torch.randn(params[n].shape, generator=generator, dtype=params[n].dtype)
+            params[n].grad, copies[n].grad = grad, live(n, grad).clone()
+        ours.step()
+        torch_adamw.step()
+        for n in names:
+            assert torch.equal(live(n, params[n].detach()), copies[n].detach()), n
+    wide = params["wide.lora_B"]
+    assert torch.equal(wide[:, 20:], before["wide.lora_B"][:, 20:])  # dead slots: untouched
+    assert not torch.equal(wide[:, :20], before["wide.lora_B"][:, :20])
 
 
 def test_slot_adamw_state_dict_roundtrip_and_replaced_tensors():
