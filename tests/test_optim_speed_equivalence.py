@@ -18,6 +18,7 @@ from torch import nn
 from flexlora.adapters import SlotLoRALayer, orthogonality_penalty
 from flexlora.adapters.layer import slot_axis
 from flexlora.optim import SlotAdamW, reset_slots
+from flexlora.optim.slot_adamw import _step_one
 
 
 # ------------------------------------------------------------------------------------------------ oracles
@@ -243,6 +244,31 @@ def test_slot_adamw_with_one_count_is_torch_adamw_on_the_live_slots():
     wide = params["wide.lora_B"]
     assert torch.equal(wide[:, 20:], before["wide.lora_B"][:, 20:])  # dead slots: untouched
     assert not torch.equal(wide[:, :20], before["wide.lora_B"][:, :20])
+
+
+def test_the_per_tensor_path_taken_off_the_cpu_has_the_same_arithmetic():
+    """Tensors on an accelerator take ``_step_one``; run it on CPU tensors against the oracle, slot resets and a
+    prune included, so a change to the formulas cannot reach only the GPU path."""
+    model, ours, twin, oracle = optimizers(0, 0.05)
+    generator = torch.Generator().manual_seed(7)
+    for step in range(8):
+        set_grads(model, twin, generator)
+        if step == 3:
+            for opt, m in ((ours, model), (oracle, twin)):
+                for param, dim in m["wide"].slot_params():
+                    reset_slots(opt, param, dim, [2, 17])
+        if step == 5:
+            prune_both(model, twin, "q", 0)
+        for group in ours.param_groups:
+            hyper = (group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = ours.state[param] or ours._init_state(param)
+                with torch.no_grad():
+                    _step_one(param, param.grad, state, slot_axis(param), hyper)
+        oracle.step()
+        assert_same(model, ours, twin, oracle)
 
 
 def test_slot_adamw_state_dict_roundtrip_and_replaced_tensors():
