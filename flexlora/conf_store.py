@@ -55,7 +55,7 @@ def _name(value: Any) -> str:
 
 
 def _main_metric(task: Any, split: Any = "test") -> str:
-    return task_spec(_name(task)).main_metric_for({"split": _name(split)})
+    return task_spec(_name(task)).main_metric_for(_name(split))
 
 
 def register() -> None:

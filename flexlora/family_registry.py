@@ -18,6 +18,7 @@ class FamilyEntry:
     family: str  # the Family subclass
     backbones: str  # backbone options of the family, for error messages
     tables: str  # (runs, row_keys) -> list[Table]: the family's result tables
+    task_schema: str  # its task config schema: a key of flexlora.schemas.TASK_SCHEMAS
     peft_task_type: str | None = None  # peft's TaskType for export (None: a custom head, no task type)
     preprocessor: str | None = None  # (backbone config) -> tokenizer / image processor saved beside an export
 
@@ -45,15 +46,17 @@ def family_entry(name: str) -> FamilyEntry:
 
 register_family(FamilyEntry(
     "classification", "flexlora.families.classification:ClassificationFamily", "minilm, tiny_deberta, deberta_v3_base",
-    tables="flexlora.aggregate.tables:glue_tables", peft_task_type="SEQ_CLS",
+    tables="flexlora.aggregate.tables:glue_tables", task_schema="glue_schema", peft_task_type="SEQ_CLS",
     preprocessor="flexlora.backbones.text:load_tokenizer"))
 register_family(FamilyEntry(
     "causal_lm", "flexlora.families.causal_lm:CausalLMFamily", "tiny_llama, smollm2_135m, llama3_8b",
-    tables="flexlora.aggregate.families:commonsense_tables", peft_task_type="CAUSAL_LM",
+    tables="flexlora.aggregate.families:commonsense_tables", task_schema="commonsense_schema",
+    peft_task_type="CAUSAL_LM",
     preprocessor="flexlora.families.causal_lm:load_tokenizer"))
 register_family(FamilyEntry(
     "image", "flexlora.families.image:ImageFamily", "tiny_vit, vit_b16_in21k",
-    tables="flexlora.aggregate.families:vtab_tables", preprocessor="flexlora.backbones.vision:load_image_processor"))
+    tables="flexlora.aggregate.families:vtab_tables", task_schema="vtab_schema",
+    preprocessor="flexlora.backbones.vision:load_image_processor"))
 register_family(FamilyEntry(
     "synthetic", "flexlora.families.synthetic:SyntheticFamily", "synthetic",
-    tables="flexlora.aggregate.families:rank_recovery_tables"))
+    tables="flexlora.aggregate.families:rank_recovery_tables", task_schema="rank_recovery_schema"))

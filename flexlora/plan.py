@@ -22,12 +22,13 @@ class GrowSpec:
 
     ``std``: standard deviation of the new P column and Q row, or ``"auto"``: 1 / sqrt(length) per vector, so
     both have unit expected norm whatever the matrix width (a fixed std gives a squared norm of width x std^2).
-    ``value``: for ``small_value``, the new direction's *effective* singular value ``(alpha / r0) |lambda| |p| |q|``.
+    ``value``: for ``small_value``, the new direction's *effective* singular value ``(alpha / r0) |lambda| |p| |q|``
+    (unused by the other kinds). No field has a default: the allocator configs hold the one set of defaults.
     """
 
-    kind: GrowInit = "zero_impact"
-    std: float | str = 1.0
-    value: float = 1e-3
+    kind: GrowInit
+    std: float | str
+    value: float
 
     def __post_init__(self) -> None:
         assert self.std == "auto" or float(self.std) > 0, "grow std must be auto or > 0 (validated by the config)"
@@ -53,7 +54,7 @@ class RankPlan:
     prune: dict[str, list[int]] = field(default_factory=dict)
     grow: dict[str, int] = field(default_factory=dict)
     zero_lambda: dict[str, list[int]] = field(default_factory=dict)
-    grow_spec: GrowSpec = field(default_factory=GrowSpec)
+    grow_spec: GrowSpec | None = None  # required by a plan that grows (the allocator's config supplies it)
     budget: int | None = None
     importance: dict[str, float | None] = field(default_factory=dict)
     skipped_full: int = 0

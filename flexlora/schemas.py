@@ -7,8 +7,9 @@ value outside a ``Literal`` fails when the config is composed; every field docum
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, TypeVar
 
 BackboneFamily = Literal["classification", "causal_lm", "image", "synthetic"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -134,6 +135,31 @@ class RankRecoveryTaskConfig(TaskConfig):
     )
     n_train: int = field(default=4096, metadata={"help": "training examples"})
     n_val: int = field(default=1024, metadata={"help": "validation examples"})
+
+
+Schema = TypeVar("Schema")
+
+
+def config_object(schema: type[Schema], values: Mapping[str, Any] | Schema) -> Schema:
+    """The typed object of a config node: a composed run's node (``to_plain``) or a hand-written mapping.
+
+    Fields the mapping leaves out take the schema's defaults, which are written only there; a field the schema
+    does not have is refused (composition refuses it too, so only hand-written mappings can get here with one).
+    The code reads attributes of the result, never ``.get(key, default)``."""
+    if isinstance(values, schema):
+        return values
+    known = {f.name for f in fields(schema)}  # type: ignore[arg-type]
+    values = {k: v for k, v in values.items() if k != "defaults"}  # a raw group file's Hydra defaults list
+    unknown = sorted(set(values) - known)
+    if unknown:
+        from flexlora.errors import FlexLoRAError
+
+        raise FlexLoRAError(f"{schema.__name__} has no field(s) {unknown}; known: {sorted(known)}")
+    return schema(**{str(k): v for k, v in values.items()})
+
+
+def backbone_config(values: Mapping[str, Any] | BackboneConfig) -> BackboneConfig:
+    return config_object(BackboneConfig, values)
 
 
 TASK_SCHEMAS: dict[str, type[TaskConfig]] = {

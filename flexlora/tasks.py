@@ -9,7 +9,6 @@ and its metrics are named ``tune/...`` so a search result can never be mistaken 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,19 +59,10 @@ class TaskSpec:
     def main_metric(self) -> str:
         return self.keys[0]
 
-    def eval_split_names(self, task: Mapping[str, Any] | None = None) -> list[str]:
-        """The evaluation splits a run with this task config reports."""
-        task = task or {}
-        if task.get("split", "test") == "tune":
-            return ["tune"]
-        if self.name == "commonsense":
-            return [str(s) for s in task.get("eval_sets") or ()]
-        return [s.name for s in self.eval_splits]
-
-    def main_metric_for(self, task: Mapping[str, Any] | None = None) -> str:
+    def main_metric_for(self, split: str = "test") -> str:
         """The metric sweepers optimise and tables rank by; ``tune/...`` under ``task.split=tune``."""
         metric = self.main_metric
-        if (task or {}).get("split", "test") == "tune":
+        if split == "tune":
             return "tune/" + metric.split("/", 1)[1]
         return metric
 

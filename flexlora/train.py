@@ -25,7 +25,7 @@ from flexlora.conf_store import to_plain
 from flexlora.config_checks import check_ranges
 from flexlora.errors import FlexLoRAError
 from flexlora.eventlog import json_safe
-from flexlora.families import EvalRecords, make_family
+from flexlora.families import EvalRecords, Family, make_family
 from flexlora.rundir import METRICS, PREDICTIONS, atomic_write_text, read_metrics, save_trained_state
 from flexlora.training.checkpoints import (
     PreemptionCheckpoint,
@@ -37,15 +37,21 @@ from flexlora.training.checkpoints import (
 log = logging.getLogger("flexlora")
 
 
-def check_config(plain: dict[str, Any]) -> None:
-    """Everything that can be checked before a model is built: ranges, allocator fields, family and data paths."""
+def check_config(plain: dict[str, Any]) -> Family:
+    """Everything that can be checked before a model is built: ranges, allocator fields, family and data paths.
+    Returns the checked task family, which ``build`` hands to the DataModule and the module."""
     check_ranges(plain)
     allocator_config(plain["allocator"])
-    make_family(plain["task"], plain["backbone"], plain["seed"]).check()
+    family = make_family(plain["task"], plain["backbone"], plain["seed"])
+    family.check()
+    return family
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, Any, L.Trainer, Any]:
-    """Data, module, trainer and the allocation callback, from the config (tests drive the pieces)."""
+def build(cfg: DictConfig, family: Family | None = None) -> tuple[L.LightningDataModule, Any, L.Trainer, Any]:
+    """Data, module, trainer and the allocation callback, from the config (tests drive the pieces).
+
+    The task family is built once (here, or by ``check_config``) and the DataModule and the module share it: a
+    family that draws something at construction (the synthetic teacher) is drawn once."""
     from flexlora.training.callback import RankAllocationCallback
     from flexlora.training.reporter import RankReporter
 
@@ -53,8 +59,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, Any, L.Trainer, Any]:
     resolved = OmegaConf.create(plain)  # interpolations resolved, Enums as strings: what the library expects
     output_dir = Path(plain["paths"]["output_dir"])
     L.seed_everything(plain["seed"], workers=True)
-    datamodule = instantiate(resolved.data)
-    module = instantiate(resolved.model)
+    if family is None:
+        family = make_family(plain["task"], plain["backbone"], plain["seed"])
+    datamodule = instantiate(resolved.data, family=family)
+    module = instantiate(resolved.model, family=family)
     allocation = RankAllocationCallback(seed=plain["seed"])
     callbacks: list[L.Callback] = [allocation, RankReporter(output_dir, allocation, **(plain.get("report") or {}))]
     show_progress = plain["trainer"].get("enable_progress_bar", True)
@@ -117,9 +125,9 @@ def train(cfg: DictConfig) -> float | None:
     if mode == "auto" and (done := read_metrics(output_dir)) is not None:
         log.info("skip: %s is a finished run (complete %s); delete it to train again", output_dir, METRICS)
         return done["final"].get(metric) if metric else None
-    check_config(to_plain(cfg))
+    family = check_config(to_plain(cfg))
     ckpt = resolve_checkpoint(mode, output_dir)
-    datamodule, module, trainer, allocation = build(cfg)
+    datamodule, module, trainer, allocation = build(cfg, family)
     try:
         if ckpt is not None:
             log.info("resuming from %s", ckpt)

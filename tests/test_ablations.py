@@ -80,7 +80,7 @@ def test_skipped_full_counts_capacity_bound_grow_candidates():
             layer.lora_E[:4] = torch.tensor([1.0, 1.0, 1.0, 1.0]) if i < 2 else torch.tensor([4.0, 1, 0.5, 0.1 * i])
     full = list(adapters)[:2]
     for name in full:  # the two flattest (highest-entropy) matrices are at capacity
-        adapters[name].grow(GrowSpec(), None)
+        adapters[name].grow(GrowSpec("zero_impact", 1.0, 0.0), None)
         with torch.no_grad():
             adapters[name].lora_E[4] = 1.0
     plan = flex(adapters, budget_per_event=2).plan(adapters, 12)

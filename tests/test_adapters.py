@@ -39,8 +39,8 @@ def test_forward_equals_explicit_weight_update(form):
     layer = make_layer(form, rank=3, max_rank=6)
     randomise(layer)
     layer.prune(1)
-    layer.grow(GrowSpec(), torch.Generator().manual_seed(0))
-    layer.grow(GrowSpec(), torch.Generator().manual_seed(1))
+    layer.grow(GrowSpec("zero_impact", 1.0, 0.0), torch.Generator().manual_seed(0))
+    layer.grow(GrowSpec("zero_impact", 1.0, 0.0), torch.Generator().manual_seed(1))
     randomise(layer, seed=2)  # every live slot non-trivial; 4 live of 6
     assert layer.mask.tolist() == [True] * 4 + [False] * 2
     live = layer.mask.nonzero().flatten()
@@ -86,13 +86,13 @@ def test_prune_and_grow_change_live_rank():
     assert layer.live_rank == 2 and layer.mask.tolist() == [True, True, False, False, False]
     assert torch.equal(layer.lora_A[1], before[2]) and torch.equal(layer.lora_A[2], before[1])
     assert layer.lora_E[2] == 0  # a dead slot's lambda is zero, so a revival starts at zero impact
-    slot = layer.grow(GrowSpec(), torch.Generator().manual_seed(0))
+    slot = layer.grow(GrowSpec("zero_impact", 1.0, 0.0), torch.Generator().manual_seed(0))
     assert slot == 2 and layer.live_rank == 3
-    layer.grow(GrowSpec(), torch.Generator().manual_seed(0))
-    layer.grow(GrowSpec(), torch.Generator().manual_seed(0))
+    layer.grow(GrowSpec("zero_impact", 1.0, 0.0), torch.Generator().manual_seed(0))
+    layer.grow(GrowSpec("zero_impact", 1.0, 0.0), torch.Generator().manual_seed(0))
     assert layer.live_rank == 5
     with pytest.raises(ValueError, match="no free slot"):
-        layer.grow(GrowSpec(), None)
+        layer.grow(GrowSpec("zero_impact", 1.0, 0.0), None)
     with pytest.raises(ValueError, match="not live"):
         layer.prune(5)
 
@@ -104,7 +104,7 @@ def test_grow_is_zero_impact_and_uses_the_given_generator():
     before = layer(x)
     torch.manual_seed(123)
     global_state = torch.get_rng_state()
-    slot = layer.grow(GrowSpec(std=1.0), torch.Generator().manual_seed(5))
+    slot = layer.grow(GrowSpec("zero_impact", 1.0, 0.0), torch.Generator().manual_seed(5))
     assert torch.equal(torch.get_rng_state(), global_state), "grow must not touch the global RNG"
     assert torch.equal(layer(x), before)
     assert layer.lora_E[slot] == 0 and layer.lora_A[slot].abs().sum() > 0
@@ -120,7 +120,7 @@ def test_grow_init_variants():
         layer.lora_A.mul_(0.1)  # live rows of norm ~0.6, far from a std-2 draw's ~12.6
     live_a = layer.lora_A.detach()[:3].clone()
     live_b = layer.lora_B.detach()[:, :3].clone()
-    s = layer.grow(GrowSpec(kind="orthogonal", std=2.0), g)
+    s = layer.grow(GrowSpec("orthogonal", 2.0, 0.0), g)
     new_a, new_b = layer.lora_A.detach()[s], layer.lora_B.detach()[:, s]
     assert torch.allclose(live_a @ new_a, torch.zeros(3), atol=1e-4)
     assert torch.allclose(live_b.t() @ new_b, torch.zeros(3), atol=1e-4)
@@ -128,12 +128,12 @@ def test_grow_init_variants():
     assert new_a.norm().item() == pytest.approx(live_a.norm(dim=1).median().item(), rel=1e-5)
     assert new_b.norm().item() == pytest.approx(live_b.norm(dim=0).median().item(), rel=1e-5)
     assert layer.lora_E[s] == 0
-    s = layer.grow(GrowSpec(kind="all_zero"), g)
+    s = layer.grow(GrowSpec("all_zero", 1.0, 0.0), g)
     assert layer.lora_A[s].abs().sum() == 0 and layer.lora_B[:, s].abs().sum() == 0
     layer.prune(s)
     x = torch.randn(7, 40)
     before = layer(x).detach()
-    s = layer.grow(GrowSpec(kind="small_value", value=0.05, std=1.0), g)
+    s = layer.grow(GrowSpec("small_value", 1.0, 0.05), g)
     # grow_value is the new direction's effective singular value (alpha / r0) |lambda| |p| |q|
     a, b, lam = layer.lora_A.detach()[s], layer.lora_B.detach()[:, s], layer.lora_E.detach()[s]
     effective = layer.scale * lam.abs() * a.norm() * b.norm()
@@ -146,7 +146,7 @@ def test_grow_init_variants():
 def test_grow_keeps_parameter_dtype():
     base = nn.Linear(4, 4).to(torch.float64)
     layer = SlotLoRALayer(base, form="svd", rank=1, max_rank=2)
-    layer.grow(GrowSpec(), torch.Generator().manual_seed(0))
+    layer.grow(GrowSpec("zero_impact", 1.0, 0.0), torch.Generator().manual_seed(0))
     assert layer.lora_A.dtype == torch.float64 and layer.lora_A[1].abs().sum() > 0
 
 
@@ -247,7 +247,7 @@ def test_orthogonality_penalty_forms_and_live_slots_only():
     layers = [make_layer("svd", rank=3, max_rank=m, seed=s) for s, m in enumerate((4, 4, 6))]
     for i, layer in enumerate(layers):
         randomise(layer, seed=10 + i)
-    layers[2].grow(GrowSpec(), torch.Generator().manual_seed(0))
+    layers[2].grow(GrowSpec("zero_impact", 1.0, 0.0), torch.Generator().manual_seed(0))
     randomise(layers[2], seed=20)
     layers[1].prune(0)
     code_terms, paper_terms = [], []
@@ -270,3 +270,13 @@ def test_orthogonality_penalty_forms_and_live_slots_only():
     again.backward()
     assert torch.count_nonzero(layers[0].lora_A.grad[3]) == 0
     assert torch.count_nonzero(layers[1].lora_B.grad[:, 2:]) == 0
+
+
+def test_a_plan_that_grows_without_a_grow_spec_is_refused():
+    from flexlora.adapters import apply_plan
+    from flexlora.plan import RankPlan
+
+    layer = SlotLoRALayer(nn.Linear(8, 8), form="svd", rank=2, max_rank=4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="grow_spec"):
+        apply_plan({"m": layer}, RankPlan(step=1, grow={"m": 1}), torch.Generator().manual_seed(0))
+    assert layer.live_rank == 2

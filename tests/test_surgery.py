@@ -80,7 +80,7 @@ def test_first_update_of_a_grown_slot_is_a_fresh_adam_step():
     layer, _, optimizer, x = trained_layer()
     changes = apply_plan({"m": layer}, RankPlan(step=1, prune={"m": [1]}), None)
     apply_surgery(optimizer, {"m": layer}, changes)
-    changes = apply_plan({"m": layer}, RankPlan(step=2, grow={"m": 1}, grow_spec=GrowSpec(std=0.5)),
+    changes = apply_plan({"m": layer}, RankPlan(step=2, grow={"m": 1}, grow_spec=GrowSpec("zero_impact", 0.5, 0.0)),
                          torch.Generator().manual_seed(0))
     apply_surgery(optimizer, {"m": layer}, changes)
     (g,) = changes["m"].reset

@@ -22,6 +22,32 @@ def cfg(tmp_path, glue_dir):
     return make
 
 
+def test_a_run_builds_its_task_family_once_and_shares_it(cfg, monkeypatch):
+    import flexlora.train as train_module
+
+    made = []
+    real = train_module.make_family
+
+    def counting(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(train_module, "make_family", counting)
+    monkeypatch.setattr("flexlora.data.datamodule.make_family", counting)
+    monkeypatch.setattr("flexlora.training.module.make_family", counting)
+    captured = {}
+    real_build = train_module.build
+
+    def capturing_build(*args, **kwargs):
+        captured["pieces"] = real_build(*args, **kwargs)
+        return captured["pieces"]
+
+    monkeypatch.setattr(train_module, "build", capturing_build)
+    train(cfg("allocator=lora", "trainer.max_steps=1"))
+    datamodule, module, _, _ = captured["pieces"]
+    assert len(made) == 1 and datamodule.family is module.family is made[0]
+
+
 def test_zero_impact_growth_keeps_logits_bit_identical(cfg):
     datamodule, module, _, _ = build(cfg("allocator=flexlora"))
     datamodule.setup("fit")
@@ -33,7 +59,8 @@ def test_zero_impact_growth_keeps_logits_bit_identical(cfg):
             layer.lora_E.normal_()
         name = next(iter(module.adapters))
         before = module.model(**inputs).logits
-        plan = RankPlan(step=1, grow={n: 1 for n in list(module.adapters)[:5]}, grow_spec=GrowSpec(std=1.0))
+        grow = {n: 1 for n in list(module.adapters)[:5]}
+        plan = RankPlan(step=1, grow=grow, grow_spec=GrowSpec("zero_impact", 1.0, 0.0))
         apply_plan(module.adapters, plan, torch.Generator().manual_seed(0))
         after = module.model(**inputs).logits
     assert module.adapters[name].live_rank == module.adapters[name].rank + 1

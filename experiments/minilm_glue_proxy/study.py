@@ -49,7 +49,7 @@ EXTRA: dict[str, tuple[str, ...]] = {}  # grow_std=auto was measured on rank rec
 def _metric(task: str, split: str) -> str:
     from flexlora.tasks import task_spec
 
-    return task_spec(task).main_metric_for({"split": split})
+    return task_spec(task).main_metric_for(split)
 
 
 def head_jobs() -> list[Job]:

@@ -40,7 +40,7 @@ SEEDS = (1, 2, 3)
 def _tune_metric() -> str:
     from flexlora.tasks import task_spec
 
-    return task_spec("commonsense").main_metric_for({"split": "tune"})
+    return task_spec("commonsense").main_metric_for("tune")
 
 
 def lr_job(method: str, lr: float) -> Job:

@@ -21,6 +21,8 @@ def apply_plan(
     are visited in adapter order so the draws from ``generator`` are the same on every process.
     """
     unknown = (set(plan.prune) | set(plan.grow) | set(plan.zero_lambda)) - set(adapters)
+    if any(plan.grow.values()) and plan.grow_spec is None:
+        raise ValueError("a plan that grows slots needs a grow_spec (how new slots are initialised)")
     if unknown:
         raise KeyError(f"plan names matrices the model does not have: {sorted(unknown)[:5]}")
     changes: dict[str, SlotChange] = {}

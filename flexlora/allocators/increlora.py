@@ -88,7 +88,7 @@ class IncreLoRAConfig(AllocatorConfig):
         return self.init_rank
 
     def grow_spec(self) -> GrowSpec:
-        return GrowSpec(kind="zero_impact", std=self.grow_std)
+        return GrowSpec(kind="zero_impact", std=self.grow_std, value=0.0)  # value: read by small_value only
 
 
 def delta_score(delta: torch.Tensor, grad: torch.Tensor) -> float:

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from flexlora.backbones.hub import package_folder, resolve_pretrained
 from flexlora.backbones.text import DTYPES
 from flexlora.errors import FlexLoRAError
+from flexlora.schemas import BackboneConfig, backbone_config
 
 
 def _resolve(source: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -48,8 +49,8 @@ def _resolve(source: str, gguf_file: str | None) -> tuple[str, str | None]:
     return resolve_pretrained(source), None
 
 
-def _dtype(backbone: Mapping[str, Any]) -> torch.dtype | None:
-    name = backbone.get("dtype")
+def _dtype(backbone: BackboneConfig) -> torch.dtype | None:
+    name = backbone.dtype
     if name is None:
         return None
     if name not in DTYPES:
@@ -57,14 +58,15 @@ def _dtype(backbone: Mapping[str, Any]) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def load_causal_lm(backbone: Mapping[str, Any]) -> torch.nn.Module:
+def load_causal_lm(backbone: Mapping[str, Any] | BackboneConfig) -> torch.nn.Module:
     """An ``AutoModelForCausalLM`` from pretrained weights (hub, folder, GGUF) or, with ``pretrained: null``,
     a randomly initialised one from ``from_config``; in train mode, as the training code expects."""
-    overrides = dict(backbone.get("config") or {})
+    backbone = backbone_config(backbone)
+    overrides = dict(backbone.config or {})
     dtype = _dtype(backbone)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if backbone.get("pretrained"):
-        path, gguf = _resolve(str(backbone["pretrained"]), backbone.get("gguf_file"))
+    if backbone.pretrained:
+        path, gguf = _resolve(str(backbone.pretrained), backbone.gguf_file)
         kwargs: dict[str, Any] = dict(overrides)
         if gguf:
             kwargs["gguf_file"] = gguf
@@ -72,10 +74,10 @@ def load_causal_lm(backbone: Mapping[str, Any]) -> torch.nn.Module:
             kwargs["dtype"] = dtype  # load straight into the dtype: an 8B model never exists in float32
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:
-        spec = dict(backbone.get("from_config") or {})
+        spec = dict(backbone.from_config or {})
         if "model_type" not in spec:
             raise FlexLoRAError(
-                f"backbone {backbone.get('name')!r}: from_config needs a model_type when backbone.pretrained is null"
+                f"backbone {backbone.name!r}: from_config needs a model_type when backbone.pretrained is null"
             )
         model_type = spec.pop("model_type")
         try:
@@ -85,7 +87,7 @@ def load_causal_lm(backbone: Mapping[str, Any]) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_config(config)
     if dtype is not None:
         model = model.to(dtype)
-    if backbone.get("gradient_checkpointing"):
+    if backbone.gradient_checkpointing:
         # Non-reentrant checkpointing also works when the embeddings are frozen (only adapters train).
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -97,16 +99,17 @@ def load_causal_lm(backbone: Mapping[str, Any]) -> torch.nn.Module:
     return model
 
 
-def load_causal_lm_tokenizer(backbone: Mapping[str, Any]) -> PreTrainedTokenizerBase:
+def load_causal_lm_tokenizer(backbone: Mapping[str, Any] | BackboneConfig) -> PreTrainedTokenizerBase:
     """The backbone's tokenizer, with an EOS (a WordPiece tokenizer's [SEP]) and a pad token (EOS when it has
     none), padding on the right for training."""
-    source = backbone.get("tokenizer") or backbone.get("pretrained")
+    backbone = backbone_config(backbone)
+    source = backbone.tokenizer or backbone.pretrained
     if not source:
         raise FlexLoRAError(
-            f"backbone {backbone.get('name')!r}: backbone.tokenizer is required when backbone.pretrained is null"
+            f"backbone {backbone.name!r}: backbone.tokenizer is required when backbone.pretrained is null"
         )
-    gguf = backbone.get("gguf_file")
-    if backbone.get("tokenizer") and backbone.get("tokenizer") != backbone.get("pretrained"):
+    gguf = backbone.gguf_file
+    if backbone.tokenizer and backbone.tokenizer != backbone.pretrained:
         gguf = None  # the GGUF file belongs to the weights; a separate tokenizer source is a normal folder
     path, gguf = _resolve(str(source), gguf)
     tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))

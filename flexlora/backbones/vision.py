@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 
 from flexlora.backbones.hub import resolve_pretrained
 from flexlora.errors import FlexLoRAError
+from flexlora.schemas import BackboneConfig, backbone_config
 
 try:  # transformers >= 5: the PIL backend has its own class; ViTImageProcessor needs torchvision there
     from transformers import ViTImageProcessorPil as _ViTProcessor
@@ -63,8 +64,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _processor_kwargs(backbone: Mapping[str, Any]) -> dict[str, Any]:
-    kwargs = _plain(backbone.get("processor") or {})
+def _processor_kwargs(backbone: BackboneConfig) -> dict[str, Any]:
+    kwargs = _plain(backbone.processor or {})
     unknown = sorted(set(kwargs) - PROCESSOR_KEYS)
     if unknown:
         raise FlexLoRAError(
@@ -72,8 +73,8 @@ def _processor_kwargs(backbone: Mapping[str, Any]) -> dict[str, Any]:
         )
     if isinstance(kwargs.get("size"), int):
         kwargs["size"] = {"height": kwargs["size"], "width": kwargs["size"]}
-    image_size = backbone.get("image_size")
-    if image_size and not backbone.get("pretrained"):
+    image_size = backbone.image_size
+    if image_size and not backbone.pretrained:
         size = kwargs.setdefault("size", {"height": int(image_size), "width": int(image_size)})
         if (size.get("height"), size.get("width")) != (image_size, image_size):
             raise FlexLoRAError(
@@ -83,16 +84,17 @@ def _processor_kwargs(backbone: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def load_image_processor(backbone: Mapping[str, Any]) -> Any:
+def load_image_processor(backbone: Mapping[str, Any] | BackboneConfig) -> Any:
     """The image processor (PIL/NumPy backend): ``backbone.processor`` kwargs, over the pretrained one if any.
 
     With ``pretrained`` set, the checkpoint's processor is loaded and ``processor`` (if given) overrides its
     fields, e.g. ``{resample: 3, image_mean: [0.485, 0.456, 0.406], image_std: [0.229, 0.224, 0.225]}``
     to reproduce NOAH's bicubic resize and ImageNet normalisation.
     """
+    backbone = backbone_config(backbone)
     kwargs = _processor_kwargs(backbone)
-    if backbone.get("pretrained"):
-        path = resolve_pretrained(str(backbone["pretrained"]))
+    if backbone.pretrained:
+        path = resolve_pretrained(str(backbone.pretrained))
         return AutoImageProcessor.from_pretrained(path, **_PIL_BACKEND, **kwargs)
     if not kwargs:
         raise FlexLoRAError(
@@ -102,27 +104,28 @@ def load_image_processor(backbone: Mapping[str, Any]) -> Any:
     return _ViTProcessor(**kwargs)
 
 
-def load_image_classifier(backbone: Mapping[str, Any], num_labels: int) -> nn.Module:
+def load_image_classifier(backbone: Mapping[str, Any] | BackboneConfig, num_labels: int) -> nn.Module:
     """An ``AutoModelForImageClassification`` (a ViT, new random head of ``num_labels``) in training mode."""
+    backbone = backbone_config(backbone)
     if num_labels < 2:
         raise FlexLoRAError(f"an image classifier needs num_labels >= 2, got {num_labels}; check the task's labels")
-    overrides = _plain(backbone.get("config") or {})
-    image_size = backbone.get("image_size")
+    overrides = _plain(backbone.config or {})
+    image_size = backbone.image_size
     labels = {"num_labels": num_labels, "problem_type": "single_label_classification"}
-    if backbone.get("pretrained"):
-        path = resolve_pretrained(str(backbone["pretrained"]))
+    if backbone.pretrained:
+        path = resolve_pretrained(str(backbone.pretrained))
         config = AutoConfig.from_pretrained(path, **overrides)
         # set after loading: passing num_labels to from_pretrained warns when the checkpoint has an id2label map
         config.num_labels, config.problem_type = num_labels, labels["problem_type"]
         if image_size and config.image_size != image_size:
             raise FlexLoRAError(
-                f"backbone.image_size={image_size} but the checkpoint {backbone['pretrained']} was trained at "
+                f"backbone.image_size={image_size} but the checkpoint {backbone.pretrained} was trained at "
                 f"{config.image_size}; set backbone.image_size to null (the checkpoint's size)"
             )
         # the checkpoint's head (if any) has another label count: a new head is the point, not a mistake
         model = AutoModelForImageClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True)
     else:
-        spec = _plain(backbone.get("from_config") or {})
+        spec = _plain(backbone.from_config or {})
         if "model_type" not in spec:
             raise FlexLoRAError(
                 "backbone.from_config needs a model_type (e.g. vit) when backbone.pretrained is null"
@@ -143,7 +146,7 @@ def load_image_classifier(backbone: Mapping[str, Any], num_labels: int) -> nn.Mo
                 f"backbone.from_config.model_type={model_type!r} has no image-classification model in transformers "
                 f"({err}); use model_type: vit"
             ) from err
-    dtype = backbone.get("dtype")
+    dtype = backbone.dtype
     if dtype:
         if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
             raise FlexLoRAError(f"backbone.dtype={dtype!r} is not a torch dtype; use null, float32 or bfloat16")

@@ -48,15 +48,18 @@ class ResumableShuffleSampler(Sampler[int]):
 
 
 class TaskDataModule(L.LightningDataModule):
-    """Batches the splits of any task family (``task`` and ``backbone`` are the Hydra config nodes)."""
+    """Batches the splits of any task family (``task`` and ``backbone`` are the Hydra config nodes; ``family``
+    the one ``train.build`` made for the run, or built here when the module is used on its own)."""
 
-    def __init__(self, task: Mapping[str, Any], backbone: Mapping[str, Any], seed: int = 0) -> None:
+    def __init__(
+        self, task: Mapping[str, Any], backbone: Mapping[str, Any], seed: int = 0, family: Family | None = None
+    ) -> None:
         super().__init__()
-        self.task = dict(task)
-        self.family: Family = make_family(self.task, backbone, seed)
-        self.batch_size = int(self.task.get("batch_size", 32))
-        self.eval_batch_size = int(self.task.get("eval_batch_size", 64))
-        self.num_workers = int(self.task.get("num_workers", 0))
+        self.family: Family = family if family is not None else make_family(task, backbone, seed)
+        self.task = self.family.task  # typed (flexlora.schemas)
+        self.batch_size = int(self.task.batch_size)
+        self.eval_batch_size = int(self.task.eval_batch_size)
+        self.num_workers = int(self.task.num_workers)
         self.seed = seed
         self.data: TaskData | None = None
         self._resume: dict[str, int] | None = None

@@ -8,6 +8,7 @@ from typing import Any
 from flexlora.errors import FlexLoRAError
 from flexlora.families.base import EvalRecords, Family, TaskData
 from flexlora.family_registry import FAMILIES, family_entry, register_family
+from flexlora.schemas import BackboneConfig, TaskConfig, backbone_config
 from flexlora.tasks import task_spec
 
 
@@ -16,13 +17,16 @@ def family_class(name: str) -> type[Family]:
     return entry.resolve(entry.family)
 
 
-def make_family(task: Mapping[str, Any], backbone: Mapping[str, Any], seed: int = 0) -> Family:
-    """The family object of a task config, after checking that the backbone belongs to the same family."""
-    spec = task_spec(str(task["name"]))
-    backbone_family = backbone.get("family", "classification")
-    if backbone_family != spec.family:
+def make_family(task: Mapping[str, Any] | TaskConfig, backbone: Mapping[str, Any] | BackboneConfig,
+                seed: int = 0) -> Family:
+    """The family object of a task config, after checking that the backbone belongs to the same family.
+
+    The family turns both nodes into typed schema objects (``Family.__init__``)."""
+    backbone = backbone_config(backbone)
+    spec = task_spec(str(task.name if isinstance(task, TaskConfig) else task["name"]))
+    if backbone.family != spec.family:
         raise FlexLoRAError(
-            f"task={spec.name} is a {spec.family} task but backbone={backbone.get('name')} is a {backbone_family} "
+            f"task={spec.name} is a {spec.family} task but backbone={backbone.name} is a {backbone.family} "
             f"backbone; choose one of: backbone={family_entry(spec.family).backbones}"
         )
     return family_class(spec.family)(task, backbone, seed)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flexlora.schemas import TASK_SCHEMAS, BackboneConfig, TaskConfig, backbone_config, config_object
 from flexlora.tasks import TaskSpec, task_spec
 
 
@@ -58,18 +59,24 @@ class TaskData:
 
 
 class Family(ABC):
-    """What differs between task families. Built from the task and backbone configs (plain mappings)."""
+    """What differs between task families. Built from the task and backbone config nodes (``make_family``),
+    which become typed schema objects here: the family's own task schema (named in its registry entry) and
+    ``BackboneConfig``. Family code reads their attributes; the defaults are the schemas'."""
 
-    def __init__(self, task: Mapping[str, Any], backbone: Mapping[str, Any], seed: int = 0) -> None:
-        self.task = dict(task)
-        self.backbone = dict(backbone)
+    def __init__(self, task: Mapping[str, Any] | TaskConfig, backbone: Mapping[str, Any] | BackboneConfig,
+                 seed: int = 0) -> None:
+        from flexlora.family_registry import family_entry
+
+        self.spec: TaskSpec = task_spec(str(task.name if isinstance(task, TaskConfig) else task["name"]))
+        self.task: Any = config_object(TASK_SCHEMAS[family_entry(self.spec.family).task_schema], task)
+        self.backbone: BackboneConfig = backbone_config(backbone)
         self.seed = seed
-        self.spec: TaskSpec = task_spec(str(task["name"]))
 
     # -------------------------------------------------------------- declared by the config
     @property
     def eval_splits(self) -> list[str]:
-        return self.spec.eval_split_names(self.task)
+        """The evaluation splits a run reports: ``tune`` under ``task.split=tune``, else the task's own."""
+        return ["tune"] if self.task.split == "tune" else [s.name for s in self.spec.eval_splits]
 
     @property
     def metric_names(self) -> Sequence[str]:
@@ -85,7 +92,7 @@ class Family(ABC):
         """Cheap checks of the config against the data on disk, run before any model is built."""
         from flexlora.errors import FlexLoRAError
 
-        if self.task.get("split") == "tune" and not self.supports_tune:
+        if self.task.split == "tune" and not self.supports_tune:
             raise FlexLoRAError(f"task={self.spec.name} has no split=tune; use split=test (the default)")
 
     # -------------------------------------------------------------- data

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexlora.families.base import EvalRecords, Family, TaskData
+from flexlora.schemas import BackboneConfig, backbone_config
 
 
 @functools.lru_cache(maxsize=4)
@@ -29,10 +30,11 @@ def _tokenizer(key: tuple[tuple[str, Any], ...]) -> Any:
     return load_causal_lm_tokenizer(dict(key))
 
 
-def load_tokenizer(backbone: Mapping[str, Any]) -> Any:
+def load_tokenizer(backbone: Mapping[str, Any] | BackboneConfig) -> Any:
     """The backbone's tokenizer, loaded once per process (the data and the evaluation both need it)."""
+    backbone = backbone_config(backbone)
     fields = ("name", "pretrained", "gguf_file", "tokenizer")
-    return _tokenizer(tuple((k, backbone.get(k)) for k in fields))
+    return _tokenizer(tuple((k, getattr(backbone, k)) for k in fields))
 
 
 class ItemBatch:
@@ -60,18 +62,23 @@ class CausalLMFamily(Family):
     training data, never on the reported sets."""
 
     @property
+    def eval_splits(self) -> list[str]:
+        """One evaluation split per set in ``task.eval_sets`` (or ``tune``)."""
+        return ["tune"] if self.task.split == "tune" else [str(s) for s in self.task.eval_sets]
+
+    @property
     def data_dir(self) -> str:
         from flexlora.errors import FlexLoRAError
 
-        if not self.task.get("data_dir"):
+        if not self.task.data_dir:
             raise FlexLoRAError("task=commonsense needs task.data_dir=<folder holding boolq/, piqa/, ...>")
-        return str(self.task["data_dir"])
+        return str(self.task.data_dir)
 
     @property
     def train_sets(self) -> list[str]:
         from flexlora.data.commonsense import available_train_sets
 
-        sets = self.task.get("train_sets")
+        sets = self.task.train_sets
         return [str(s) for s in sets] if sets else available_train_sets(self.data_dir)
 
     def check(self) -> None:
@@ -79,7 +86,7 @@ class CausalLMFamily(Family):
         from flexlora.errors import FlexLoRAError
 
         super().check()
-        if self.task.get("split") == "tune":
+        if self.task.split == "tune":
             check_sets(self.data_dir, [], self.train_sets)
             return
         if not self.eval_splits:
@@ -98,14 +105,14 @@ class CausalLMFamily(Family):
         root = Path(self.data_dir)
         pool = [(name, r) for name in self.train_sets for r in read_records(root / name / "train.json", name)]
         evals = {}
-        if self.task.get("split") == "tune":
+        if self.task.split == "tune":
             pool, evals["tune"] = self._tune_items(pool, tokenizer)
-        records = _sample([r for _, r in pool], self.task.get("max_train_samples"))
-        cutoff = int(self.task.get("cutoff_len", 256))
+        records = _sample([r for _, r in pool], self.task.max_train_samples)
+        cutoff = int(self.task.cutoff_len)
         train = [{**tokenize_for_training(r, tokenizer, cutoff), "idx": i} for i, r in enumerate(records)]
-        for name in self.eval_splits if self.task.get("split") != "tune" else ():
+        for name in self.eval_splits if self.task.split != "tune" else ():
             records = read_records(root / name / "test.json", name)
-            keep = _sample(list(range(len(records))), self.task.get("max_eval_samples"))  # before tokenising
+            keep = _sample(list(range(len(records))), self.task.max_eval_samples)  # before tokenising
             items = eval_items([records[i] for i in keep], name, tokenizer)
             evals[name] = [replace(item, idx=i) for item, i in zip(items, keep, strict=True)]
         return TaskData(train=train, evals=evals, train_collate=CausalLMCollator(tokenizer.pad_token_id),
@@ -117,10 +124,10 @@ class CausalLMFamily(Family):
         from flexlora.data.commonsense import eval_items
         from flexlora.errors import FlexLoRAError
 
-        size = int(self.task.get("tune_size") or 600)
+        size = int(self.task.tune_size)
         if size >= len(pool):
             raise FlexLoRAError(f"task.tune_size={size} leaves no training record ({len(pool)} in the pool)")
-        held = set(random.Random(int(self.task.get("tune_seed") or 0)).sample(range(len(pool)), size))
+        held = set(random.Random(int(self.task.tune_seed)).sample(range(len(pool)), size))
         items = []
         for name in dict.fromkeys(n for n, _ in pool):
             chosen = [i for i in sorted(held) if pool[i][0] == name]
@@ -146,8 +153,8 @@ class CausalLMFamily(Family):
 
         tokenizer = load_tokenizer(self.backbone)
         batch = batch.items
-        if self.task.get("eval_protocol", "loglik") == "generate":
-            out = generate_predict(model, tokenizer, batch, len(batch), int(self.task.get("max_new_tokens", 32)))
+        if self.task.eval_protocol == "generate":
+            out = generate_predict(model, tokenizer, batch, len(batch), int(self.task.max_new_tokens))
             predictions, scores = [p for p, _ in out], [text for _, text in out]
         else:
             out = loglik_predict(model, tokenizer, batch, len(batch))

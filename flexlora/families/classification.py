@@ -31,9 +31,9 @@ class ClassificationFamily(Family):
                 for split, columns in load_tweets().items()
             })
         else:
-            raw = load_glue(self.spec, task.get("data_dir"), task.get("hub_id") or "nyu-mll/glue")
-        if task.get("split") == "tune":
-            train, held_out = tune_split(raw["train"], seed=int(task.get("tune_seed", 0)))
+            raw = load_glue(self.spec, task.data_dir, task.hub_id)
+        if task.split == "tune":
+            train, held_out = tune_split(raw["train"], seed=int(task.tune_seed))
             raw = datasets.DatasetDict({"train": train, "tune": held_out})
         return datasets.DatasetDict({name: _first(split, self._limit(name)) for name, split in raw.items()})
 
@@ -44,7 +44,7 @@ class ClassificationFamily(Family):
         from flexlora.data.glue import tokenize
 
         tokenizer = load_tokenizer(self.backbone)
-        splits = tokenize(self.raw_splits, tokenizer, int(self.task.get("max_length", 128)))
+        splits = tokenize(self.raw_splits, tokenizer, int(self.task.max_length))
         collate = DataCollatorWithPadding(tokenizer)
         return TaskData(
             train=splits["train"].with_format("torch"),
@@ -60,8 +60,7 @@ class ClassificationFamily(Family):
         return float(sum(labels) / len(labels))
 
     def _limit(self, split: str) -> int | None:
-        key = "max_train_samples" if split == "train" else "max_eval_samples"
-        value = self.task.get(key)
+        value = self.task.max_train_samples if split == "train" else self.task.max_eval_samples
         return int(value) if value is not None else None
 
     def build_model(self) -> nn.Module:

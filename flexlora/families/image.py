@@ -21,12 +21,12 @@ class ImageFamily(Family):
         from flexlora.data.vtab import VTAB_TASKS, load_vtab_splits
         from flexlora.errors import FlexLoRAError
 
-        if not self.task.get("data_dir"):
+        if not self.task.data_dir:
             raise FlexLoRAError("task=vtab needs task.data_dir=<vtab-1k folder>/<task>, e.g. vtab-1k/cifar")
-        folder = Path(self.task["data_dir"]).name
+        folder = Path(self.task.data_dir).name
         known = VTAB_TASKS[folder].num_classes if folder in VTAB_TASKS else None
-        num_classes = self.task.get("num_classes") or known  # a label beyond a known count is a data error
-        return load_vtab_splits(self.task["data_dir"], self.task.get("split", "test"), num_classes=num_classes)
+        num_classes = self.task.num_classes or known  # a label beyond a known count is a data error
+        return load_vtab_splits(self.task.data_dir, self.task.split, num_classes=num_classes)
 
     def check(self) -> None:
         super().check()
@@ -39,9 +39,9 @@ class ImageFamily(Family):
         processor = load_image_processor(self.backbone)
         train = self.splits["train"]
         evaluation = self.splits["val"]
-        limit = self.task.get("max_train_samples")
+        limit = self.task.max_train_samples
         train = train[: int(limit)] if limit is not None else train
-        limit = self.task.get("max_eval_samples")
+        limit = self.task.max_eval_samples
         evaluation = evaluation[: int(limit)] if limit is not None else evaluation
         return TaskData(train=VTABImageDataset(train, processor),
                         evals={self.eval_splits[0]: VTABImageDataset(evaluation, processor)},

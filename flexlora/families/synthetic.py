@@ -45,7 +45,7 @@ class SyntheticFamily(Family):
     def _config(self) -> Any:
         from flexlora.synthetic import SyntheticConfig
 
-        spec = {k: v for k, v in dict(self.backbone.get("from_config") or {}).items() if k != "model_type"}
+        spec = {k: v for k, v in dict(self.backbone.from_config or {}).items() if k != "model_type"}
         return SyntheticConfig(**spec)
 
     @functools.cached_property
@@ -54,13 +54,15 @@ class SyntheticFamily(Family):
 
         config = self._config()
         task = self.task
-        rank = int(task["budget_rank"])
+        rank = int(task.budget_rank)
         return draw_teacher(
-            config, config.n_matrices, rank, int(task.get("max_target_rank") or 2 * rank),
-            spectrum=str(task.get("spectrum", "flat")),
-            seed=int(task["teacher_seed"] if task.get("teacher_seed") is not None else self.seed),
-            update_scale=float(task.get("update_scale", 0.5)), base=build_frozen_net(config),
+            config, config.n_matrices, rank, int(task.max_target_rank or 2 * rank),
+            spectrum=str(task.spectrum), seed=self._teacher_seed(),
+            update_scale=float(task.update_scale), base=build_frozen_net(config),
         )
+
+    def _teacher_seed(self) -> int:
+        return int(self.task.teacher_seed if self.task.teacher_seed is not None else self.seed)
 
     @functools.cached_property
     def data(self) -> dict[str, Any]:
@@ -69,10 +71,8 @@ class SyntheticFamily(Family):
 
         config = self._config()
         base = build_frozen_net(config)
-        task = self.task
-        seed = int(task["teacher_seed"] if task.get("teacher_seed") is not None else self.seed)
-        return make_regression_data(self.teacher.apply_to(base), int(task.get("n_train", 4096)),
-                                    int(task.get("n_val", 1024)), config.dim, seed=seed + 1, base_net=base)
+        return make_regression_data(self.teacher.apply_to(base), int(self.task.n_train), int(self.task.n_val),
+                                    config.dim, seed=self._teacher_seed() + 1, base_net=base)
 
     def load_data(self) -> TaskData:
         return TaskData(train=_Indexed(*self.data["train"].tensors), evals={"val": _Indexed(*self.data["val"].tensors)},

@@ -40,24 +40,27 @@ class AdaptedBackboneModule(L.LightningModule):
         warmup_steps: float = 0,
         head_lr: float | None = None,
         seed: int = 0,
+        family: Family | None = None,
     ) -> None:
         super().__init__()
         # logger=False: the run's full Hydra config is what loggers get (train.py); these would overwrite it.
-        self.save_hyperparameters(ignore=["optimizer"], logger=False)
-        self.family: Family = make_family(task, backbone, seed)
+        self.save_hyperparameters(ignore=["optimizer", "family"], logger=False)
+        # the run's one family object (train.build), or built here when the module is used on its own
+        self.family: Family = family if family is not None else make_family(task, backbone, seed)
         self.allocator_config: AllocatorConfig = allocator_config(allocator)
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
         self.head_lr = head_lr
         self.eval_splits = self.family.eval_splits
         self.model = self.family.build_model()
-        head_modules = list(backbone.get("head_modules") or [])
+        backbone = self.family.backbone  # typed (flexlora.schemas)
+        head_modules = list(backbone.head_modules)
         init_head(self.model, head_modules, seed)  # the same head for every allocator of a seed
         if (bias := self.family.head_bias()) is not None:
             set_output_bias(self.model, head_modules, bias)
         generator = torch.Generator().manual_seed(seed)
         self.adapters: dict[str, SlotLoRALayer] = inject(
-            self.model, _targets(backbone["target_modules"]), head_modules=head_modules,
+            self.model, _targets(backbone.target_modules), head_modules=head_modules,
             generator=generator, **self.allocator_config.adapter_kwargs(),
         )
         self.eval_history: list[dict[str, float]] = []
@@ -66,7 +69,7 @@ class AdaptedBackboneModule(L.LightningModule):
         self.degenerate: dict[str, str] = {}
         self._collected: dict[str, EvalRecords] = {}
         # A pretrained backbone is reloaded from its source, so checkpoints hold only what training changes.
-        self.base_is_reloadable = bool(backbone.get("pretrained"))
+        self.base_is_reloadable = bool(backbone.pretrained)
         self.strict_loading = not self.base_is_reloadable
 
     # ------------------------------------------------------------------ steps
