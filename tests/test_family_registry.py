@@ -1,5 +1,6 @@
-"""Every registered task family resolves to its Family class, its table rule and (where it has one) its
-preprocessor; every task belongs to a registered family; a run of an unregistered family is reported."""
+"""Every registered task family resolves to its Family class, its task schema, its table rule and (where it has
+them) its comparison rule and preprocessor; every task belongs to a registered family; a run of an unregistered
+family is reported."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ def test_every_registered_family_resolves():
         assert callable(entry.resolve(entry.tables)), f"{name} has no table rule"
         assert entry.preprocessor is None or callable(entry.resolve(entry.preprocessor))
         assert entry.resolve(entry.tables)([], ("allocator.name",)) == []
+        assert entry.compare_units is None or callable(entry.resolve(entry.compare_units)), f"{name}: compare rule"
+        from flexlora.schemas import TASK_SCHEMAS
+
+        assert entry.task_schema in TASK_SCHEMAS, f"{name} names no task schema"
 
 
 def test_every_task_belongs_to_a_registered_family():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,8 @@ import numpy as np
 
 from flexlora.aggregate.collect import Run, dedupe, seed_order
 from flexlora.aggregate.core import method_label
-from flexlora.aggregate.families import COMMONSENSE_SETS, commonsense_sets, vtab_registry
 from flexlora.errors import FlexLoRAError
+from flexlora.family_registry import FAMILIES, FamilyEntry
 from flexlora.tasks import TASKS
 
 STAT_METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")  # what flexlora.stats can resample
@@ -66,20 +66,28 @@ def matches(spec: str, key: tuple[str, ...]) -> bool:
     return parts == key if len(parts) > 1 else spec in key
 
 
-def _units(run: Run, vtab_names: dict[str, str]) -> list[Unit]:
+def _unit_rule(run: Run) -> Callable[[Run, UnitMaker], list[Unit]] | None:
+    """The run's family's comparison rule (its registry entry's ``compare_units``); None: not comparable."""
+    entry = FAMILIES.get(run.family)
+    path = entry.compare_units if entry is not None else "flexlora.aggregate.compare:task_units"
+    return FamilyEntry.resolve(path) if path else None
+
+
+def _units(run: Run) -> list[Unit]:
     """The evaluation splits of a run that the comparison covers, each with its main metric."""
     def unit(split: str, metric: str, label: str, order: tuple) -> Unit:
         return Unit(run.backbone, run.split, run.task, run.subtask, split, metric, label, order)
 
+    rule = _unit_rule(run)
+    return rule(run, unit) if rule is not None else []
+
+
+UnitMaker = Callable[[str, str, str, tuple], Unit]  # (split, metric, label, order) -> Unit
+
+
+def task_units(run: Run, unit: UnitMaker) -> list[Unit]:
+    """A task's main metric on each of its evaluation splits (MNLI: two); the rule of tasks in ``TASKS``."""
     tune = run.split == "tune"
-    if run.family == "causal_lm":
-        names = list(COMMONSENSE_SETS)
-        return [unit(s, "accuracy", COMMONSENSE_SETS.get(s, s), (1, names.index(s) if s in names else 99, s))
-                for s in sorted(commonsense_sets(run))]
-    if run.family == "image":
-        names = list(vtab_names)
-        return [unit("tune" if tune else "test", "accuracy", vtab_names.get(run.subtask, run.subtask),
-                     (2, names.index(run.subtask) if run.subtask in names else 99, run.subtask))]
     spec = TASKS.get(run.task)
     keys = spec.keys if spec else (run.main_metric or "val/accuracy",)
     metric = keys[0].split("/", 1)[-1]
@@ -179,17 +187,16 @@ def compare(runs: Sequence[Run], a: str, b: str, row_keys: Sequence[str], n_resa
             raise FlexLoRAError(f"--compare: {spec!r} matches several rows ({', '.join(':'.join(r) for r in rows)}); "
                                 "name one as v1:v2 in --rows order")
         sides[side] = dedupe(sides[side], notes, lambda r: method_label(r.row, row_keys))
-    synthetic = [r for r in sides["A"] + sides["B"] if r.family == "synthetic"]
-    if synthetic:
-        notes.append(f"Rank recovery ({len(synthetic)} runs) has no per-example predictions to resample; not compared.")
-    vtab_names = {f: display for f, (display, _) in vtab_registry()[0].items()} if any(
-        r.family == "image" for r in runs) else {}
+    uncomparable: dict[str, int] = {}
+    for r in sides["A"] + sides["B"]:
+        if _unit_rule(r) is None:
+            uncomparable[r.family] = uncomparable.get(r.family, 0) + 1
+    for family, count in uncomparable.items():
+        notes.append(f"{family} ({count} runs) has no per-example predictions to resample; not compared.")
     per_unit: dict[Unit, dict[str, dict[Any, Run]]] = {}
     for side in ("A", "B"):
         for run in sides[side]:
-            if run.family == "synthetic":
-                continue
-            for unit in _units(run, vtab_names):
+            for unit in _units(run):
                 per_unit.setdefault(unit, {"A": {}, "B": {}})[side][run.seed] = run
     predictions = _Predictions(notes)
     no_predictions: dict[Path, None] = {}  # ordered set of run folders

@@ -6,9 +6,11 @@ it pulls torch and PIL; commonsense display names are this table's own (the pape
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from flexlora.aggregate.collect import Run, dedupe, get, warn
 from flexlora.aggregate.core import Column, Row, Table, build_table, method_label
@@ -66,6 +68,26 @@ def commonsense_tables(runs: Sequence[Run], row_keys: Sequence[str]) -> list[Tab
                          f"({', '.join(COMMONSENSE_SETS.get(s, s) for s in required)}).")
         tables.append(table)
     return tables
+
+
+def commonsense_units(run: Run, unit: Callable[[str, str, str, tuple], Any]) -> list[Any]:
+    """``--compare`` rule: accuracy on each set the run evaluated, in the papers' column order."""
+    names = list(COMMONSENSE_SETS)
+    return [unit(s, "accuracy", COMMONSENSE_SETS.get(s, s), (1, names.index(s) if s in names else 99, s))
+            for s in sorted(commonsense_sets(run))]
+
+
+def vtab_units(run: Run, unit: Callable[[str, str, str, tuple], Any]) -> list[Any]:
+    """``--compare`` rule: top-1 accuracy of the run's VTAB task, in the benchmark's task order."""
+    names = {folder: display for folder, (display, _) in _vtab_names().items()}
+    order = list(names)
+    return [unit("tune" if run.split == "tune" else "test", "accuracy", names.get(run.subtask, run.subtask),
+                 (2, order.index(run.subtask) if run.subtask in order else 99, run.subtask))]
+
+
+@functools.lru_cache(maxsize=1)
+def _vtab_names() -> dict[str, tuple[str, str]]:
+    return vtab_registry()[0]
 
 
 def vtab_registry() -> tuple[dict[str, tuple[str, str]], tuple[str, ...]]:
