@@ -64,8 +64,8 @@ def build(cfg: DictConfig, family: Family | None = None) -> tuple[L.LightningDat
     datamodule = instantiate(resolved.data, family=family)
     module = instantiate(resolved.model, family=family)
     allocation = RankAllocationCallback(seed=plain["seed"])
-    callbacks: list[L.Callback] = [allocation, RankReporter(output_dir, allocation, **(plain.get("report") or {}))]
-    show_progress = plain["trainer"].get("enable_progress_bar", True)
+    callbacks: list[L.Callback] = [allocation, RankReporter(output_dir, allocation, **plain["report"])]
+    show_progress = plain["trainer"]["enable_progress_bar"]
     loggers = [instantiate(entry) for entry in _targets(resolved.get("logger"))]
     for entry in _targets(resolved.get("callbacks")):
         callback = instantiate(entry)
@@ -120,8 +120,8 @@ def train(cfg: DictConfig) -> float | None:
     started = time.time()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    metric = cfg.get("optimized_metric")
-    mode = cfg.get("ckpt_path")
+    metric = cfg.optimized_metric
+    mode = cfg.ckpt_path
     if mode == "auto" and (done := read_metrics(output_dir)) is not None:
         log.info("skip: %s is a finished run (complete %s); delete it to train again", output_dir, METRICS)
         return done["final"].get(metric) if metric else None
@@ -174,7 +174,7 @@ def _results(cfg: DictConfig, module: Any, trainer: L.Trainer, allocation: Any, 
         "events": allocation.events,
         "steps": trainer.global_step,
         "wall_time_s": round(time.time() - started, 1),
-        "optimized_metric": cfg.get("optimized_metric"),
+        "optimized_metric": cfg.optimized_metric,
         "config": to_plain(cfg),
     }
 
