@@ -50,6 +50,10 @@ class TaskSpec:
     eval_splits: tuple[EvalSplit, ...] = (EvalSplit("val", "validation", "dev.tsv"),)
     train_tsv: str = "train.tsv"
     tsv_dir_names: tuple[str, ...] = field(default_factory=tuple)
+    # a classification task not read as GLUE: "module:function" returning {split: {column: values}}
+    reader: str | None = None
+    # what tells a task's runs apart in result tables besides the task: (config key, keep only the folder name)
+    subtask_key: tuple[str, bool] | None = None
 
     @property
     def is_regression(self) -> bool:
@@ -99,12 +103,13 @@ TASKS: dict[str, TaskSpec] = {
     "stsb": _glue("stsb", "STS-B", "Corr", ("pearson", "spearman"), ("val/pearson",), 1,
                   ("sentence1", "sentence2"), ("sentence1", "sentence2", "score"), "STS-B"),
     "tweets": TaskSpec("tweets", "classification", "tweets", "Acc", ("accuracy", "f1"), ("val/accuracy",),
-                       num_labels=2, hub_text=("text", None)),
+                       num_labels=2, hub_text=("text", None), reader="flexlora.data.tweets:load_tweets"),
     "commonsense": TaskSpec("commonsense", "causal_lm", "Commonsense", "Acc", ("accuracy",), ("avg/accuracy",)),
     "vtab": TaskSpec("vtab", "image", "VTAB-1k", "Acc", ("accuracy",), ("test/accuracy",),
-                     eval_splits=(EvalSplit("test"),)),
+                     eval_splits=(EvalSplit("test"),), subtask_key=("task.data_dir", True)),
     "rank_recovery": TaskSpec("rank_recovery", "synthetic", "Rank recovery", "MSE", ("mse", "relative_mse"),
-                              ("val/mse",), lower_is_better=True, eval_splits=(EvalSplit("val"),)),
+                              ("val/mse",), lower_is_better=True, eval_splits=(EvalSplit("val"),),
+                              subtask_key=("task.spectrum", False)),
 }
 GLUE_TASKS = tuple(name for name, spec in TASKS.items() if spec.hub_config)
 

@@ -93,12 +93,15 @@ def metric_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _subtask(task: str, config: dict[str, Any]) -> str:
-    if task == "vtab":
-        data_dir = get(config, "task.data_dir")
-        return Path(str(data_dir)).name if data_dir else "?"
-    if task == "rank_recovery":
-        return str(get(config, "task.spectrum") or "?")
-    return ""
+    """The value that tells runs of one task apart (a VTAB folder, a rank-recovery spectrum; TaskSpec.subtask_key)."""
+    spec = TASKS.get(task)
+    if spec is None or spec.subtask_key is None:
+        return ""
+    key, folder_name = spec.subtask_key
+    value = get(config, key)
+    if not value:
+        return "?"
+    return Path(str(value)).name if folder_name else str(value)
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, float]:

@@ -23,12 +23,13 @@ class ClassificationFamily(Family):
         from flexlora.data.glue import load_glue, tune_split
 
         task = self.task
-        if self.spec.name == "tweets":
-            from flexlora.data.tweets import load_tweets
+        if self.spec.reader is not None:
+            from flexlora.family_registry import FamilyEntry
 
+            read = FamilyEntry.resolve(self.spec.reader)
             raw = datasets.DatasetDict({
                 split: datasets.Dataset.from_dict({**columns, "idx": list(range(len(columns["label"])))})
-                for split, columns in load_tweets().items()
+                for split, columns in read().items()
             })
         else:
             raw = load_glue(self.spec, task.data_dir, task.hub_id)
