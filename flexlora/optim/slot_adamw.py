@@ -40,6 +40,8 @@ def slot_dim(param: torch.Tensor) -> int | None:
 class SlotAdamW(Optimizer):
     """Decoupled weight decay Adam (Loshchilov & Hutter) with per-slot step counts for adapter tensors."""
 
+    slot_surgery = True  # optimizer-state surgery can follow rank changes (flexlora.optim.supports_slot_surgery)
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -15,7 +15,6 @@ import torch
 from torch.optim import Optimizer
 
 from flexlora.adapters.layer import SlotLoRALayer
-from flexlora.optim.slot_adamw import SlotAdamW
 from flexlora.plan import SlotChange
 
 
@@ -67,4 +66,7 @@ def apply_surgery(
 
 
 def supports_slot_surgery(optimizer: Optimizer) -> bool:
-    return isinstance(optimizer, SlotAdamW)
+    """Whether ``optimizer`` keeps per-slot state that surgery can move: it declares ``slot_surgery = True``
+    (SlotAdamW does; an optimizer with one vector of step counts per slot tensor in ``state["step"]`` and moments
+    shaped like the parameter can declare it too)."""
+    return bool(getattr(optimizer, "slot_surgery", False))
