@@ -73,3 +73,19 @@ def test_engine_state_round_trip_resumes_bit_identically():
     assert [r["ranks"] for r in engine3.event_log.events()] == [r["ranks"] for r in engine.event_log.events()]
     for (name, a), b in zip(model.state_dict().items(), model3.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_dynamic_allocator_refuses_an_optimizer_without_slot_surgery():
+    import pytest
+
+    from flexlora.errors import FlexLoRAError
+
+    model, engine, _ = _setup()
+    adapters = engine.adapters
+    with pytest.raises(FlexLoRAError, match=r"per-slot step counts.*SlotAdamW"):
+        engine.bind(torch.optim.AdamW(model.parameters(), lr=1e-3), total_steps=20)
+
+    class DeclaresSlotSurgery(SlotAdamW):  # any optimizer may declare it; SlotAdamW does
+        slot_surgery = True
+
+    engine.bind(DeclaresSlotSurgery(param_groups(model.named_parameters(), adapters), lr=1e-3), total_steps=20)
