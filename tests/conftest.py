@@ -40,6 +40,27 @@ def glue_root() -> Path | None:
 
 
 @pytest.fixture(scope="session")
+def shared_tiny_run(tmp_path_factory) -> Path:
+    """One tiny FlexLoRA run for the whole session (``debug=tiny``: tiny DeBERTa on the tweets, 30 steps with
+    allocation events, W&B offline), read by the export, aggregate and W&B tests instead of a run each. Tests
+    read it and never write into it."""
+    from flexlora.train import train
+    from tests.helpers import compose_config
+
+    run_dir = tmp_path_factory.mktemp("shared") / "run"
+    before = os.environ.get("WANDB_MODE")
+    os.environ["WANDB_MODE"] = "offline"  # the W&B test reads the offline files back
+    try:
+        train(compose_config("debug=tiny", "logger=wandb", "experiment_name=wbtest", output_dir=run_dir))
+    finally:
+        if before is None:
+            os.environ.pop("WANDB_MODE")
+        else:
+            os.environ["WANDB_MODE"] = before
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def real_glue_dir() -> Path:
     root = glue_root()
     if root is None:

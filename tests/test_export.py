@@ -26,10 +26,13 @@ def first_eval_batch(run_dir):
 
 
 @pytest.mark.parametrize("allocator", ["lora", "adalora", "flexlora"])
-def test_export_round_trip_through_stock_peft(tmp_path, glue_dir, allocator):
-    run_dir = tmp_path / "run"
-    overrides = [f"allocator={allocator}", "trainer.max_steps=16", "model.optimizer.lr=5e-3"]
-    train(tiny_run_config(run_dir, glue_dir, *overrides))
+def test_export_round_trip_through_stock_peft(tmp_path, glue_dir, allocator, request):
+    if allocator == "flexlora":  # the session's shared tiny FlexLoRA run (tests/conftest.py)
+        run_dir = request.getfixturevalue("shared_tiny_run")
+    else:
+        run_dir = tmp_path / "run"
+        overrides = [f"allocator={allocator}", "trainer.max_steps=16", "model.optimizer.lr=5e-3"]
+        train(tiny_run_config(run_dir, glue_dir, *overrides))
     out = tmp_path / "export"
     summary = export(run_dir, out, merge=True)
     module, _ = load_run(run_dir)

@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from flexlora.train import train
-from tests.helpers import compose_config
-
 
 def records(run_dir: Path) -> list[dict]:
     """The offline run's transaction log as JSON records (wandb's own reader: `wandb leet inspect --json`)."""
@@ -23,10 +20,8 @@ def records(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_offline_run_holds_the_full_config_grouping_tables_and_figures(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    run_dir = tmp_path / "run"
-    train(compose_config("debug=tiny", "logger=wandb", "experiment_name=wbtest", output_dir=run_dir))
+def test_offline_run_holds_the_full_config_grouping_tables_and_figures(shared_tiny_run):
+    run_dir = shared_tiny_run  # debug=tiny, logger=wandb, experiment_name=wbtest (tests/conftest.py)
     log = records(run_dir)
     (run,) = [r["run"] for r in log if r["type"] == "run"]
     assert run["run_group"] == "wbtest.tweets.flexlora" and run["job_type"] == "tweets"
