@@ -3,6 +3,7 @@
 
     python experiments/smollm2_commonsense/study.py run &  python experiments/smollm2_commonsense/study.py run; wait
     python experiments/smollm2_commonsense/study.py report      # tables into this folder
+    python experiments/smollm2_commonsense/study.py progress    # stage 1 so far: lr_selection_partial.md
 
 Stages (each worker drains a stage's queue, then waits for the other workers before the next):
 1. lr: per method, the grid value with the best tune-split accuracy (600 held-out training records, seed 1); the
@@ -26,7 +27,7 @@ REPO = HERE.parents[1]
 RUNS = REPO / "multirun" / "smollm2_commonsense_v2"
 sys.path.insert(0, str(REPO))
 
-from flexlora.studies import Choice, Job, best_of, final_metric, run_jobs, wait_for, widen  # noqa: E402
+from flexlora.studies import Choice, Job, best_of, done, final_metric, run_jobs, wait_for, widen  # noqa: E402
 
 BASE = ("+experiment=smollm2_commonsense", "trainer.enable_progress_bar=false", "logger=none")
 METHODS = ("lora", "adalora", "flexlora")
@@ -109,13 +110,28 @@ def report() -> None:
         aggregate([str(final / a), str(final / b), "--compare", f"{a},{b}", "--out", str(HERE / f"compare_{a}_{b}")])
 
 
+def progress() -> None:
+    """lr_selection_partial.md: the tune runs finished so far (stage 1 may still be running)."""
+    lines = ["Stage 1 so far (tune split: 600 held-out training records, seed 1; accuracy x100; finished runs only, "
+             "wall time with the 2-core machine shared by two workers and tests):", "",
+             "| method | lr | tune accuracy | wall s |", "|---|---|---|---|"]
+    for method in METHODS:
+        for lr in sorted({*LR_GRID[method], min(LR_GRID[method]) / 2, max(LR_GRID[method]) * 2}):
+            job = lr_job(method, lr)
+            if done(job):
+                metrics = json.loads((job.out / "metrics.json").read_text())
+                lines.append(f"| {method} | {lr:g} | {100 * final_metric(job.out, _tune_metric()):.2f} | "
+                             f"{metrics['wall_time_s']:.0f} |")
+    (HERE / "lr_selection_partial.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("phase", choices=("run", "report"))
+    parser.add_argument("phase", choices=("run", "report", "progress"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    report() if args.phase == "report" else run()
+    {"run": run, "report": report, "progress": progress}[args.phase]()
     print(json.dumps({"done": args.phase}))
 
 
