@@ -4,7 +4,8 @@ On the 36 adapted matrices of MiniLM (6 layers x q, k, v, attention-out 384x384,
 1536->384; SVD form, r0 = 8) plus a 384 -> 2 head, at slot capacity 1x r0 (static LoRA: every slot live, so
 AdamW runs over exactly the same parameters), 2x and 4x r0:
 
-* ``slot_adamw``: ``SlotAdamW.step`` with every live slot at one step count (LoRA, FlexLoRA between events);
+* ``slot_adamw``: ``SlotAdamW.step`` with every live slot at one step count (LoRA; a dynamic method before its
+  first event);
   ``slot_adamw_mixed_counts``: the same after an event restarted the counts of some slots (per-slot factors);
 * ``adamw_foreach``: ``torch.optim.AdamW(foreach=True)`` over the same shapes (full capacity: it has no notion of
   live slots), the reference of the ratio; ``adamw_foreach_r0``: the same over tensors of capacity r0 (static

@@ -211,9 +211,10 @@ def test_slot_adamw_uniform_counts_take_the_scalar_path_bit_identically():
 
 
 def test_slot_adamw_with_one_count_is_torch_adamw_on_the_live_slots():
-    """The reference is torch itself: with one step count over all live slots (LoRA; FlexLoRA between events),
-    every float32/float64 live prefix and the head change bit for bit as under torch.optim.AdamW(foreach=True)
-    run on copies of those prefixes, with the same groups; dead slots do not change at all."""
+    """The reference is torch itself: with one step count over all live slots (LoRA; a dynamic method before its
+    first event), every float32/float64 live prefix and the head change bit for bit as under
+    torch.optim.AdamW(foreach=True) run on copies of those prefixes, with the same groups; dead slots do not change
+    at all."""
     model = slot_model(5)
     del model["bf16"]  # reduced precision: torch divides by a scalar as a multiply by its reciprocal
     names = [n for n, q in model.named_parameters() if q.requires_grad]

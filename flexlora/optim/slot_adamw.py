@@ -9,10 +9,10 @@ and no weight decay, so they keep exactly the values they had when they died (an
 the live rank costs, not what the capacity costs). Untagged tensors (the task head) follow torch's AdamW
 arithmetic exactly. Every allocator uses this optimizer, LoRA included, so comparisons stay fair.
 
-The update is torch's AdamW arithmetic, op for op: with every live slot at one step count (LoRA always,
-FlexLoRA between events) the live prefix of a float32 tensor changes bit for bit as under
-``torch.optim.AdamW(foreach=True)`` (tests/test_optim_speed_equivalence.py checks it against torch). With
-counts that differ, each slot gets its own factors and the same rounding. On the CPU a step runs as
+The update is torch's AdamW arithmetic, op for op: with every live slot at one step count (LoRA always, a
+dynamic method until an event restarts some slots) the live prefix of a float32 tensor changes bit for bit as
+under ``torch.optim.AdamW(foreach=True)`` (tests/test_optim_speed_equivalence.py checks it against torch).
+With counts that differ, each slot gets its own factors and the same rounding. On the CPU a step runs as
 multi-tensor ``torch._foreach_*`` calls over all tensors of a param group, the bias corrections are computed
 once per distinct step count, and the views of the live prefixes are kept between steps. Tensors on other
 devices take a per-tensor path with the same formulas.
@@ -248,10 +248,11 @@ def _adamw_live_slots(
     """AdamW on the live prefixes of slot tensors, with a bias correction per slot.
 
     The update is torch's AdamW arithmetic (``param.addcdiv_(exp_avg, denom, value=-step_size)``). When every
-    live slot has one count (LoRA always, FlexLoRA between events) the factors are scalars and the ops are
-    torch's AdamW ops, one for one. Otherwise a bucket (the tensors of one dtype whose slots run along the same
-    axis) gets its per-slot factors as one vector split into broadcastable views, and the step size is applied
-    to ``exp_avg`` before the division: ``(-s * m) / d`` rounds as torch's kernel does with a scalar ``-s``."""
+    live slot has one count (LoRA always; a dynamic method until an event restarts some slots) the factors are
+    scalars and the ops are torch's AdamW ops, one for one. Otherwise a bucket (the tensors of one dtype whose
+    slots run along the same axis) gets its per-slot factors as one vector split into broadcastable views, and
+    the step size is applied to ``exp_avg`` before the division: ``(-s * m) / d`` rounds as torch's kernel does
+    with a scalar ``-s``."""
     params, grads, exp_avgs, exp_avg_sqs, steps = (
         list(x) for x in zip(*itertools.chain(*buckets.values()), strict=True)
     )
