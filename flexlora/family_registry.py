@@ -21,6 +21,8 @@ class FamilyEntry:
     task_schema: str  # its task config schema: a key of flexlora.schemas.TASK_SCHEMAS
     peft_task_type: str | None = None  # peft's TaskType for export (None: a custom head, no task type)
     preprocessor: str | None = None  # (backbone config) -> tokenizer / image processor saved beside an export
+    auto_class: str = "AutoModel"  # the transformers class an exported adapter's model card loads the base with
+    head_size_argument: bool = True  # whether that class needs num_labels (a new head), in the card's snippet
     # (run, unit) -> the run's compared evaluation sets, for ``flexlora-aggregate --compare``; ``unit(split,
     # metric, label, order)`` makes one. None: the family has no per-example predictions to resample.
     compare_units: str | None = None
@@ -50,17 +52,19 @@ def family_entry(name: str) -> FamilyEntry:
 register_family(FamilyEntry(
     "classification", "flexlora.families.classification:ClassificationFamily", "minilm, tiny_deberta, deberta_v3_base",
     tables="flexlora.aggregate.tables:glue_tables", task_schema="glue_schema", peft_task_type="SEQ_CLS",
+    auto_class="AutoModelForSequenceClassification",
     compare_units="flexlora.aggregate.compare:task_units",
     preprocessor="flexlora.backbones.text:load_tokenizer"))
 register_family(FamilyEntry(
     "causal_lm", "flexlora.families.causal_lm:CausalLMFamily", "tiny_llama, smollm2_135m, llama3_8b",
     tables="flexlora.aggregate.families:commonsense_tables", task_schema="commonsense_schema",
     peft_task_type="CAUSAL_LM", compare_units="flexlora.aggregate.families:commonsense_units",
+    auto_class="AutoModelForCausalLM", head_size_argument=False,
     preprocessor="flexlora.families.causal_lm:load_tokenizer"))
 register_family(FamilyEntry(
     "image", "flexlora.families.image:ImageFamily", "tiny_vit, vit_b16_in21k",
     tables="flexlora.aggregate.families:vtab_tables", task_schema="vtab_schema",
-    compare_units="flexlora.aggregate.families:vtab_units",
+    compare_units="flexlora.aggregate.families:vtab_units", auto_class="AutoModelForImageClassification",
     preprocessor="flexlora.backbones.vision:load_image_processor"))
 register_family(FamilyEntry(
     "synthetic", "flexlora.families.synthetic:SyntheticFamily", "synthetic",

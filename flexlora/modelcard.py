@@ -8,12 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flexlora.allocators.config import load_methods
-
-_LOADERS = {
-    "classification": "AutoModelForSequenceClassification",
-    "causal_lm": "AutoModelForCausalLM",
-    "image": "AutoModelForImageClassification",
-}
+from flexlora.family_registry import family_entry
 
 
 def model_card(metrics: Mapping[str, Any], ranks: Mapping[str, int], base_ref: str, family: str) -> str:
@@ -24,7 +19,8 @@ def model_card(metrics: Mapping[str, Any], ranks: Mapping[str, int], base_ref: s
     label = method.label if method else str(allocator.get("name"))
     values = list(ranks.values())
     spread = Counter(values)
-    loader = _LOADERS.get(family, "AutoModel")
+    entry = family_entry(family)
+    loader = entry.auto_class
     final = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.get("final", {}).items()}
     lines = [
         "---",
@@ -68,7 +64,7 @@ def model_card(metrics: Mapping[str, Any], ranks: Mapping[str, int], base_ref: s
         "from peft import PeftModel",
         f"from transformers import {loader}",
         "",
-        f'base = {loader}.from_pretrained("{base_ref}"' + (", num_labels=...)" if family != "causal_lm" else ")"),
+        f'base = {loader}.from_pretrained("{base_ref}"' + (", num_labels=...)" if entry.head_size_argument else ")"),
         'model = PeftModel.from_pretrained(base, "<this folder>")',
         "model = model.merge_and_unload()  # optional: plain weights, no peft at inference",
         "```",

@@ -22,6 +22,9 @@ def test_every_registered_family_resolves():
         from flexlora.schemas import TASK_SCHEMAS
 
         assert entry.task_schema in TASK_SCHEMAS, f"{name} names no task schema"
+        import transformers
+
+        assert hasattr(transformers, entry.auto_class), f"{name}: {entry.auto_class} is not a transformers class"
 
 
 def test_every_task_belongs_to_a_registered_family():
