@@ -34,7 +34,7 @@ METHODS = ("lora", "adalora", "flexlora")
 # Centred on the MiniLM proxy's choices on the fixed setup (LoRA 1e-3, AdaLoRA and FlexLoRA 4e-3), one factor-2
 # step either side; the centre runs first so that a partial first round already compares like with like.
 LR_GRID = {"lora": (1e-3, 5e-4, 2e-3), "adalora": (4e-3, 2e-3, 8e-3), "flexlora": (4e-3, 2e-3, 8e-3)}
-WIDEN = 1
+WIDEN = 2  # FlexLoRA's choice was still at the edge after one widening (lr_selection.md)
 SEEDS = (1, 2, 3)
 
 
@@ -104,6 +104,9 @@ def report() -> None:
         lines.append(f"| {method} | {cells} | {choice.value:g} | {'yes' if choice.at_edge else 'no'} |")
     (HERE / "lr_selection.md").write_text("\n".join(lines) + "\n")
     final = RUNS / "final"
+    if not all(done(job) for job in final_jobs(grids(run=False))):
+        print("stage 2 (final) has not finished: only lr_selection.md written", flush=True)
+        return
     aggregate([str(final / name) for name in ("floor", *METHODS)]
               + ["--rows", "allocator.name,trainer.max_steps", "--out", str(HERE)])
     for a, b in (("flexlora", "adalora"), ("flexlora", "lora"), ("adalora", "lora")):
