@@ -73,11 +73,11 @@ def compact(layer: SlotLoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
     return a.clone(), layer.lora_B.detach()[:, live].clone()
 
 
-def to_peft(module: Any, config: dict[str, Any]):
+def to_peft(module: Any):
     """A peft ``PeftModelForSequenceClassification`` (or causal LM) holding exactly the run's trained adapter."""
     from flexlora.family_registry import family_entry
 
-    head = list(config["backbone"].get("head_modules") or [])
+    head = list(module.family.backbone.head_modules)
     task_type = family_entry(module.family.spec.family).peft_task_type
     return adapted_to_peft(module.model, module.adapters, head, task_type=task_type)
 
@@ -143,7 +143,7 @@ def export(run_dir: Path, out_dir: Path, merge: bool = False, ckpt: Path | None 
     from flexlora.modelcard import model_card
 
     module, config = load_run(run_dir, ckpt)
-    peft_model, ranks = to_peft(module, config)
+    peft_model, ranks = to_peft(module)
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone = config["backbone"]
     base_ref = base_reference(backbone)

@@ -183,8 +183,7 @@ def _write_run(output_dir: Path, module: Any, result: dict[str, Any]) -> None:
     write_predictions(output_dir / PREDICTIONS, module.last_records)
     save_trained_state(module.trained_state_dict(), output_dir)
     # NaN stays NaN here (Python's json writes it as a bare NaN token): an undefined metric must read as one
-    atomic_write_text(output_dir / METRICS, json.dumps({**result, "config": json_safe(result["config"])},
-                                                            indent=2))
+    atomic_write_text(output_dir / METRICS, json.dumps({**result, "config": json_safe(result["config"])}, indent=2))
     log.info("metrics: %s", json.dumps(result["final"]))
     for split, why in module.degenerate.items():
         log.warning("DEGENERATE %s: %s", split, why)

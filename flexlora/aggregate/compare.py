@@ -73,13 +73,12 @@ def _unit_rule(run: Run) -> Callable[[Run, UnitMaker], list[Unit]] | None:
     return FamilyEntry.resolve(path) if path else None
 
 
-def _units(run: Run) -> list[Unit]:
+def _units(run: Run, rule: Callable[[Run, UnitMaker], list[Unit]]) -> list[Unit]:
     """The evaluation splits of a run that the comparison covers, each with its main metric."""
     def unit(split: str, metric: str, label: str, order: tuple) -> Unit:
         return Unit(run.backbone, run.split, run.task, run.subtask, split, metric, label, order)
 
-    rule = _unit_rule(run)
-    return rule(run, unit) if rule is not None else []
+    return rule(run, unit)
 
 
 UnitMaker = Callable[[str, str, str, tuple], Unit]  # (split, metric, label, order) -> Unit
@@ -188,16 +187,17 @@ def compare(runs: Sequence[Run], a: str, b: str, row_keys: Sequence[str], n_resa
                                 "name one as v1:v2 in --rows order")
         sides[side] = dedupe(sides[side], notes, lambda r: method_label(r.row, row_keys))
     uncomparable: dict[str, int] = {}
-    for r in sides["A"] + sides["B"]:
-        if _unit_rule(r) is None:
-            uncomparable[r.family] = uncomparable.get(r.family, 0) + 1
-    for family, count in uncomparable.items():
-        notes.append(f"{family} ({count} runs) has no per-example predictions to resample; not compared.")
     per_unit: dict[Unit, dict[str, dict[Any, Run]]] = {}
     for side in ("A", "B"):
         for run in sides[side]:
-            for unit in _units(run):
+            rule = _unit_rule(run)
+            if rule is None:
+                uncomparable[run.family] = uncomparable.get(run.family, 0) + 1
+                continue
+            for unit in _units(run, rule):
                 per_unit.setdefault(unit, {"A": {}, "B": {}})[side][run.seed] = run
+    for family, count in uncomparable.items():
+        notes.append(f"{family} ({count} runs) has no per-example predictions to resample; not compared.")
     predictions = _Predictions(notes)
     no_predictions: dict[Path, None] = {}  # ordered set of run folders
     not_compared: list[str] = []

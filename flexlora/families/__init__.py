@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flexlora.errors import FlexLoRAError
-from flexlora.families.base import EvalRecords, Family, TaskData
+from flexlora.families.base import EvalRecords, Family, TaskData, task_name
 from flexlora.family_registry import FAMILIES, family_entry, register_family
 from flexlora.schemas import BackboneConfig, TaskConfig, backbone_config
 from flexlora.tasks import task_spec
@@ -23,7 +23,7 @@ def make_family(task: Mapping[str, Any] | TaskConfig, backbone: Mapping[str, Any
 
     The family turns both nodes into typed schema objects (``Family.__init__``)."""
     backbone = backbone_config(backbone)
-    spec = task_spec(str(task.name if isinstance(task, TaskConfig) else task["name"]))
+    spec = task_spec(task_name(task))
     if backbone.family != spec.family:
         raise FlexLoRAError(
             f"task={spec.name} is a {spec.family} task but backbone={backbone.name} is a {backbone.family} "

@@ -58,6 +58,11 @@ class TaskData:
     eval_collate: Callable[[list[Any]], Any]
 
 
+def task_name(task: Mapping[str, Any] | TaskConfig) -> str:
+    """The task's name, from a typed task config or a plain config node."""
+    return str(task.name if isinstance(task, TaskConfig) else task["name"])
+
+
 class Family(ABC):
     """What differs between task families. Built from the task and backbone config nodes (``make_family``),
     which become typed schema objects here: the family's own task schema (named in its registry entry) and
@@ -67,7 +72,7 @@ class Family(ABC):
                  seed: int = 0) -> None:
         from flexlora.family_registry import family_entry
 
-        self.spec: TaskSpec = task_spec(str(task.name if isinstance(task, TaskConfig) else task["name"]))
+        self.spec: TaskSpec = task_spec(task_name(task))
         self.task: Any = config_object(TASK_SCHEMAS[family_entry(self.spec.family).task_schema], task)
         self.backbone: BackboneConfig = backbone_config(backbone)
         self.seed = seed
