@@ -4,7 +4,9 @@ A study is a list of runs (an output folder plus Hydra overrides). Start one wor
 next run nobody has claimed (an exclusive-create ``.claim`` file in its folder), so no run is done twice and a
 killed worker's run is redone after its claim is deleted. A finished run (complete metrics.json) is skipped.
 Selections read only the runs' tune-split metrics: a grid value is chosen on held-out training data, and a choice
-at the edge of its grid is reported so the grid can be widened.
+at the edge of its grid is reported so the grid can be widened. Run folders are not committed, so a study keeps a
+``ScoreRecord`` (a small JSON file in its folder) of the tune scores it selected on: a later checkout reaches the
+same choices without redoing stage 1.
 """
 
 from __future__ import annotations
@@ -41,17 +43,29 @@ def done(job: Job) -> bool:
     return (job.out / METRICS).is_file()
 
 
-def run_jobs(jobs: Iterable[Job], base: Sequence[str], train: Callable[[Any], Any] | None = None) -> None:
-    """Run every unclaimed, unfinished job through the framework's own ``train`` (``base`` overrides first)."""
+def _train(job: Job, base: Sequence[str], train: Callable[[Any], Any] | None) -> None:
     from flexlora.conf_store import compose
 
     if train is None:
         from flexlora.train import train
+    train(compose(*base, *job.overrides, output_dir=job.out))
+    print(f"done {job.out}", flush=True)
+
+
+def run_jobs(jobs: Iterable[Job], base: Sequence[str], train: Callable[[Any], Any] | None = None) -> None:
+    """Run every unclaimed, unfinished job through the framework's own ``train`` (``base`` overrides first)."""
     for job in jobs:
-        if done(job) or not claim(job.out):
-            continue
-        train(compose(*base, *job.overrides, output_dir=job.out))
-        print(f"done {job.out}", flush=True)
+        if not done(job) and claim(job.out):
+            _train(job, base, train)
+
+
+def run_next(jobs: Iterable[Job], base: Sequence[str], train: Callable[[Any], Any] | None = None) -> bool:
+    """Run the first unclaimed, unfinished job; False when there was none (all done or claimed by others)."""
+    for job in jobs:
+        if not done(job) and claim(job.out):
+            _train(job, base, train)
+            return True
+    return False
 
 
 def wait_for(jobs: Sequence[Job], poll_s: float = 20.0) -> None:
@@ -86,3 +100,30 @@ def widen(grid: Sequence[float], choice: Choice, factor: float = 2.0) -> list[fl
     if not choice.at_edge:
         return values
     return [values[0] / factor, *values] if choice.value == values[0] else [*values, values[-1] * factor]
+
+
+class ScoreRecord:
+    """Tune scores keyed by a run folder's path below ``root``, kept in ``path`` (committed with the study).
+
+    ``score`` prefers the run's own metrics.json and falls back to the record, so a fresh checkout without the
+    run folders makes the same selection; ``update`` records every finished run's score at full precision.
+    """
+
+    def __init__(self, path: Path, root: Path) -> None:
+        self.path, self.root = path, root
+        self.scores: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def key(self, job: Job) -> str:
+        return job.out.relative_to(self.root).as_posix()
+
+    def score(self, job: Job, metric: str) -> float | None:
+        """The job's score, or None when it has neither run here nor been recorded."""
+        if done(job):
+            return final_metric(job.out, metric)
+        return self.scores.get(self.key(job))
+
+    def update(self, jobs: Iterable[Job], metric: str) -> None:
+        for job in jobs:
+            if done(job):
+                self.scores[self.key(job)] = final_metric(job.out, metric)
+        self.path.write_text(json.dumps(dict(sorted(self.scores.items())), indent=1) + "\n")

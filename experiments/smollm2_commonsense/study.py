@@ -3,12 +3,13 @@
 
     python experiments/smollm2_commonsense/study.py run &  python experiments/smollm2_commonsense/study.py run; wait
     python experiments/smollm2_commonsense/study.py report      # tables into this folder
-    python experiments/smollm2_commonsense/study.py progress    # stage 1 so far: lr_selection_partial.md
 
-Stages (each worker drains a stage's queue, then waits for the other workers before the next):
+Stages (the workers share one queue: the tune runs still needed come first, then the final runs of every method
+whose lr is settled, so no worker idles while another widens a grid):
 1. lr: per method, the grid value with the best tune-split accuracy (600 held-out training records, seed 1); the
    first round runs every method's grid interleaved (centre values first), and a choice at an edge widens that
-   method's grid by one factor-2 step (at most WIDEN times).
+   method's grid by one factor-2 step (at most WIDEN times). The scores are kept in tune_record.json, so a
+   checkout without the run folders makes the same choices without rerunning them.
 2. final: the floor (``trainer.max_steps=0``) and every method at its chosen lr, SEEDS, on the seven sets.
 Every run is the framework's own train() under multirun/smollm2_commonsense_v2/ (ignored by git); finished runs
 are skipped on a rerun, and a killed worker's claimed run is redone once its ``.claim`` file is deleted.
@@ -20,14 +21,18 @@ import argparse
 import json
 import os
 import sys
+import time
+from itertools import zip_longest
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RUNS = REPO / "multirun" / "smollm2_commonsense_v2"
+# The stage-1 scores selected on, by run folder: run folders are not committed, this record is (flexlora.studies)
+RECORD = HERE / "tune_record.json"
 sys.path.insert(0, str(REPO))
 
-from flexlora.studies import Choice, Job, best_of, done, final_metric, run_jobs, wait_for, widen  # noqa: E402
+from flexlora.studies import Choice, Job, ScoreRecord, best_of, done, run_next, widen  # noqa: E402
 
 BASE = ("+experiment=smollm2_commonsense", "trainer.enable_progress_bar=false", "logger=none")
 METHODS = ("lora", "adalora", "flexlora")
@@ -49,63 +54,81 @@ def lr_job(method: str, lr: float) -> Job:
                (f"allocator={method}", f"model.optimizer.lr={lr}", "task.split=tune", "seed=1"))
 
 
-def lr_scores(method: str, grid: list[float]) -> dict[float, float]:
-    return {lr: final_metric(RUNS / "tune" / method / f"lr{lr:g}", _tune_metric()) for lr in grid}
+def record() -> ScoreRecord:
+    return ScoreRecord(RECORD, RUNS)
 
 
-def grids(run: bool) -> dict[str, tuple[list[float], Choice]]:
-    """Per method: the final grid and the choice, running (``run``) the first round and the widened grids."""
-    if run:
-        first = [lr_job(m, lr) for i in range(3) for m in METHODS for lr in LR_GRID[m][i : i + 1]]
-        run_jobs(first, BASE)
-        wait_for(first)
-    out = {}
+def plan() -> tuple[dict[str, tuple[list[float], Choice]], list[Job]]:
+    """The settled methods' (final grid, choice), and the tune runs still needed by the others (centres first).
+
+    A method settles when every value of its grid has a score (run here or recorded) and its choice is interior
+    or the grid may not widen further.
+    """
+    scores_of = record()
+    settled: dict[str, tuple[list[float], Choice]] = {}
+    missing: dict[str, list[Job]] = {}
     for method in METHODS:
         grid = sorted(LR_GRID[method])
-        for _ in range(WIDEN + 1):
-            jobs = [lr_job(method, lr) for lr in grid]
-            if run:
-                run_jobs(jobs, BASE)
-                wait_for(jobs)
-            choice = best_of(lr_scores(method, grid))
+        while True:
+            scores = {lr: scores_of.score(lr_job(method, lr), _tune_metric()) for lr in grid}
+            todo = [lr for lr in LR_GRID[method] if scores.get(lr) is None] + [
+                lr for lr in grid if scores[lr] is None and lr not in LR_GRID[method]]
+            if todo:
+                missing[method] = [lr_job(method, lr) for lr in todo]
+                break
+            choice = best_of(scores)
             wider = widen(grid, choice)
             if wider == grid or len(wider) > len(LR_GRID[method]) + WIDEN:
+                settled[method] = (grid, choice)
                 break
             grid = wider
-        out[method] = (grid, choice)
-    return out
+    pending = [job for row in zip_longest(*missing.values()) for job in row if job is not None]
+    return settled, pending
 
 
-def final_jobs(choices: dict[str, tuple[list[float], Choice]]) -> list[Job]:
+def final_jobs(settled: dict[str, tuple[list[float], Choice]]) -> list[Job]:
+    """The floor, then every settled method at its chosen lr, seed-major."""
     jobs = [Job(RUNS / "final" / "floor" / "s1", ("allocator=lora", "trainer.max_steps=0", "seed=1"))]
     for seed in SEEDS:
         for method in METHODS:
-            lr = choices[method][1].value
-            jobs.append(Job(RUNS / "final" / method / f"s{seed}",
-                            (f"allocator={method}", f"model.optimizer.lr={lr}", f"seed={seed}")))
+            if method in settled:
+                lr = settled[method][1].value
+                jobs.append(Job(RUNS / "final" / method / f"s{seed}",
+                                (f"allocator={method}", f"model.optimizer.lr={lr}", f"seed={seed}")))
     return jobs
 
 
 def run() -> None:
-    jobs = final_jobs(grids(run=True))
-    run_jobs(jobs, BASE)
-    wait_for(jobs)
+    """Drain the queue: needed tune runs first, then the final runs of every method already settled, so no
+    worker idles while another finishes a widened grid."""
+    while True:
+        settled, pending = plan()
+        finals = final_jobs(settled)
+        if not pending and len(settled) == len(METHODS) and all(done(job) for job in finals):
+            return
+        if not run_next([*pending, *finals], BASE):
+            time.sleep(20)
 
 
 def report() -> None:
+    """lr_selection.md (and the score record) always; the tables and comparisons once stage 2 has finished."""
     from flexlora.aggregate.cli import main as aggregate
 
+    scores_of = record()
+    scores_of.update([Job(out, ()) for out in sorted(RUNS.glob("tune/*/lr*"))], _tune_metric())
+    settled, pending = plan()
     lines = ["Method lr (tune split: 600 held-out training records, seed 1; accuracy x100; **chosen**; a choice at "
-             "an edge widens the grid once):", "", "| method | grid: score | chosen | at edge |", "|---|---|---|---|"]
-    for method, (grid, choice) in grids(run=False).items():
-        scores = lr_scores(method, grid)
-        cells = ", ".join(("**" if lr == choice.value else "") + f"{lr:g}: {100 * s:.2f}"
-                          + ("**" if lr == choice.value else "") for lr, s in scores.items())
+             f"an edge widens the grid, at most {WIDEN} times; scores kept in tune_record.json):", "",
+             "| method | grid: score | chosen | at edge |", "|---|---|---|---|"]
+    for method, (grid, choice) in settled.items():
+        cells = ", ".join(f"**{lr:g}: {100 * score:.2f}**" if lr == choice.value else f"{lr:g}: {100 * score:.2f}"
+                          for lr in grid for score in [scores_of.score(lr_job(method, lr), _tune_metric())])
         lines.append(f"| {method} | {cells} | {choice.value:g} | {'yes' if choice.at_edge else 'no'} |")
+    lines += [f"| {job.out.parent.name} | pending: {job.out.name} | | |" for job in pending]
     (HERE / "lr_selection.md").write_text("\n".join(lines) + "\n")
     final = RUNS / "final"
-    if not all(done(job) for job in final_jobs(grids(run=False))):
-        print("stage 2 (final) has not finished: only lr_selection.md written", flush=True)
+    if pending or not all(done(job) for job in final_jobs(settled)):
+        print("stage 1 or 2 has not finished: only lr_selection.md written", flush=True)
         return
     aggregate([str(final / name) for name in ("floor", *METHODS)]
               + ["--rows", "allocator.name,trainer.max_steps", "--out", str(HERE)])
@@ -113,28 +136,13 @@ def report() -> None:
         aggregate([str(final / a), str(final / b), "--compare", f"{a},{b}", "--out", str(HERE / f"compare_{a}_{b}")])
 
 
-def progress() -> None:
-    """lr_selection_partial.md: the tune runs finished so far (stage 1 may still be running)."""
-    lines = ["Stage 1 so far (tune split: 600 held-out training records, seed 1; accuracy x100; finished runs only, "
-             "wall time with the 2-core machine shared by two workers and tests):", "",
-             "| method | lr | tune accuracy | wall s |", "|---|---|---|---|"]
-    for method in METHODS:
-        for lr in sorted({*LR_GRID[method], min(LR_GRID[method]) / 2, max(LR_GRID[method]) * 2}):
-            job = lr_job(method, lr)
-            if done(job):
-                metrics = json.loads((job.out / "metrics.json").read_text())
-                lines.append(f"| {method} | {lr:g} | {100 * final_metric(job.out, _tune_metric()):.2f} | "
-                             f"{metrics['wall_time_s']:.0f} |")
-    (HERE / "lr_selection_partial.md").write_text("\n".join(lines) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("phase", choices=("run", "report", "progress"))
+    parser.add_argument("phase", choices=("run", "report"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    {"run": run, "report": report, "progress": progress}[args.phase]()
+    {"run": run, "report": report}[args.phase]()
     print(json.dumps({"done": args.phase}))
 
 
