@@ -5,12 +5,14 @@ paired comparisons between methods.
     python experiments/minilm_glue_proxy/study.py run &  python experiments/minilm_glue_proxy/study.py run; wait
     python experiments/minilm_glue_proxy/study.py report      # tables into this folder
 
-Stages (each worker drains a stage's queue, then waits for the other workers before the next):
-1. head lr: every method at its previous study's lr, ``model.head_lr`` in HEAD_GRID, on STS-B's and MRPC's tune
-   split (seed 1); the value with the best mean tune score over methods and tasks is used for all methods.
-2. method lr: per task and method, the grid value with the best tune-split main metric (seed 1); a choice at an
-   edge widens the grid by one factor-2 step (at most WIDEN times).
-3. final: the chosen lr, SEEDS on the dev sets; plus FlexLoRA with ``grow_std=auto`` at FlexLoRA's lr.
+Stages (the workers share one queue, rebuilt after every run: the selection runs still needed, then the final
+runs of every settled choice, so no worker idles while another widens a grid):
+1. head lr: every method at its previous study's lr, ``model.head_lr`` in HEAD_GRID, on HEAD_TASKS' tune split
+   (seed 1); the value with the best mean tune score over methods and tasks is used for all methods.
+2. method lr: per tuned task and method, the grid value with the best tune-split main metric (seed 1); a choice
+   at an edge widens the grid by one factor-2 step (at most WIDEN times).
+3. final: the chosen lr, SEEDS on the dev sets (seed-major, so a cut-short run still has whole seeds).
+The selection scores are kept in tune_record.json, so a checkout without the run folders makes the same choices.
 Every run is the framework's own train() under multirun/minilm_glue_proxy_v2/ (ignored by git); finished runs
 are skipped on a rerun, and a killed worker's claimed run is redone once its ``.claim`` file is deleted.
 """
@@ -21,14 +23,17 @@ import argparse
 import json
 import os
 import sys
+import time
+from itertools import zip_longest
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RUNS = REPO / "multirun" / "minilm_glue_proxy_v2"
+RECORD = HERE / "tune_record.json"  # the selection scores, committed (flexlora.studies.ScoreRecord)
 sys.path.insert(0, str(REPO))
 
-from flexlora.studies import Choice, Job, best_of, final_metric, run_jobs, wait_for, widen  # noqa: E402
+from flexlora.studies import Choice, Job, ScoreRecord, best_of, done, run_next, widen  # noqa: E402
 
 BASE = ("+experiment=minilm_glue_proxy", "trainer.enable_progress_bar=false", "logger=none")
 TASKS = ("stsb", "mrpc")  # SST-2 and CoLA did not fit this session's CPU time (README)
@@ -40,7 +45,7 @@ HEAD_GRID = (1e-3, 4e-3)
 HEAD_TASKS = ("stsb",)  # the regression head, where the head decided the old table
 LR_GRID = {"lora": (5e-4, 1e-3, 2e-3), "adalora": (4e-3, 8e-3, 1.6e-2), "flexlora": (4e-3, 8e-3, 1.6e-2)}
 WIDEN = 2
-SEEDS = (1, 2, 3)
+SEEDS = (1, 2, 3, 4, 5)
 # FlexLoRA runs with the width-free new-slot rule, the default chosen on the rank-recovery width arm (README)
 METHOD_ARGS = {"lora": (), "adalora": (), "flexlora": ("allocator.grow_std=auto",)}
 EXTRA: dict[str, tuple[str, ...]] = {}  # grow_std=auto was measured on rank recovery instead (README)
@@ -52,6 +57,10 @@ def _metric(task: str, split: str) -> str:
     return task_spec(task).main_metric_for(split)
 
 
+def record() -> ScoreRecord:
+    return ScoreRecord(RECORD, RUNS)
+
+
 def head_jobs() -> list[Job]:
     return [Job(RUNS / "head" / task / method / f"head{h:g}",
                 (f"task={task}", f"allocator={method}", *METHOD_ARGS[method],
@@ -59,9 +68,18 @@ def head_jobs() -> list[Job]:
             for task in HEAD_TASKS for method in METHODS for h in HEAD_GRID]
 
 
-def chosen_head_lr() -> float:
-    mean = {h: sum(final_metric(RUNS / "head" / t / m / f"head{h:g}", _metric(t, "tune"))
-                   for t in HEAD_TASKS for m in METHODS) / (len(HEAD_TASKS) * len(METHODS)) for h in HEAD_GRID}
+def head_scores() -> dict[Job, float | None]:
+    scores_of = record()
+    return {job: scores_of.score(job, _metric(job.overrides[0].removeprefix("task="), "tune")) for job in head_jobs()}
+
+
+def chosen_head_lr() -> float | None:
+    """The head lr with the best mean tune score over methods and tasks; None while a head run is missing."""
+    scores = head_scores()
+    if any(score is None for score in scores.values()):
+        return None
+    mean = {h: sum(scores[job] for job in scores if job.out.name == f"head{h:g}") / (len(HEAD_TASKS) * len(METHODS))
+            for h in HEAD_GRID}
     return best_of(mean).value
 
 
@@ -71,79 +89,100 @@ def lr_job(task: str, method: str, lr: float, head_lr: float) -> Job:
                 f"model.head_lr={head_lr}", "task.split=tune", "seed=1"))
 
 
-def lr_scores(task: str, method: str, grid: list[float]) -> dict[float, float]:
-    return {lr: final_metric(RUNS / "tune" / task / method / f"lr{lr:g}", _metric(task, "tune")) for lr in grid}
-
-
-def grids(head_lr: float, run: bool) -> dict[tuple[str, str], tuple[list[float], Choice]]:
-    """Per (task, method): the final grid and the choice, running (``run``) the widened grids' jobs."""
-    out = {}
+def plan() -> tuple[float | None, dict[tuple[str, str], tuple[list[float], Choice]], list[Job]]:
+    """The head lr, the settled (task, method) lr choices, and the selection runs still needed."""
+    head_lr = chosen_head_lr()
+    if head_lr is None:
+        return None, {}, [job for job, score in head_scores().items() if score is None]
+    scores_of = record()
+    settled: dict[tuple[str, str], tuple[list[float], Choice]] = {}
+    missing: dict[tuple[str, str], list[Job]] = {}
     for task in TUNED:
         for method in METHODS:
-            grid = list(LR_GRID[method])
-            for _ in range(WIDEN + 1):
-                jobs = [lr_job(task, method, lr, head_lr) for lr in grid]
-                if run:
-                    run_jobs(jobs, BASE)
-                    wait_for(jobs)
-                choice = best_of(lr_scores(task, method, grid))
+            grid = sorted(LR_GRID[method])
+            while True:
+                scores = {lr: scores_of.score(lr_job(task, method, lr, head_lr), _metric(task, "tune")) for lr in grid}
+                if any(score is None for score in scores.values()):
+                    missing[(task, method)] = [lr_job(task, method, lr, head_lr) for lr in grid if scores[lr] is None]
+                    break
+                choice = best_of(scores)
                 wider = widen(grid, choice)
                 if wider == grid or len(wider) > len(LR_GRID[method]) + WIDEN:
+                    settled[(task, method)] = (grid, choice)
                     break
                 grid = wider
-            out[(task, method)] = (grid, choice)
-    return out
+    pending = [job for row in zip_longest(*missing.values()) for job in row if job is not None]
+    return head_lr, settled, pending
 
 
-def final_jobs(head_lr: float, choices: dict) -> list[Job]:
+def final_jobs(head_lr: float, settled: dict[tuple[str, str], tuple[list[float], Choice]]) -> list[Job]:
+    """Seed-major: every (task, method) whose lr source is settled, then the extra arms."""
     jobs = []
-    for task in TASKS:
-        for seed in SEEDS:
+    for seed in SEEDS:
+        for task in TASKS:
             for method in METHODS:
-                lr = choices[(LR_SOURCE[task], method)][1].value
+                if (LR_SOURCE[task], method) not in settled:
+                    continue
+                lr = settled[(LR_SOURCE[task], method)][1].value
                 jobs.append(Job(RUNS / "final" / task / method / f"s{seed}",
                                 (f"task={task}", f"allocator={method}", *METHOD_ARGS[method],
                                  f"model.optimizer.lr={lr}", f"model.head_lr={head_lr}", f"seed={seed}")))
             for arm, overrides in EXTRA.items():
-                lr = choices[(LR_SOURCE[task], "flexlora")][1].value
-                jobs.append(Job(RUNS / "extra" / task / arm / f"s{seed}",
-                                (f"task={task}", *overrides, f"model.optimizer.lr={lr}", f"model.head_lr={head_lr}",
-                                 f"seed={seed}")))
+                if (LR_SOURCE[task], "flexlora") in settled:
+                    lr = settled[(LR_SOURCE[task], "flexlora")][1].value
+                    jobs.append(Job(RUNS / "extra" / task / arm / f"s{seed}",
+                                    (f"task={task}", *overrides, f"model.optimizer.lr={lr}",
+                                     f"model.head_lr={head_lr}", f"seed={seed}")))
     return jobs
 
 
 def run() -> None:
-    jobs = head_jobs()
-    run_jobs(jobs, BASE)
-    wait_for(jobs)
-    head_lr = chosen_head_lr()
-    choices = grids(head_lr, run=True)
-    jobs = final_jobs(head_lr, choices)
-    run_jobs(jobs, BASE)
-    wait_for(jobs)
+    """Drain one queue: missing selection runs first, then the final runs of every settled choice; a worker
+    returns once every choice is settled and nothing is left to claim."""
+    while True:
+        head_lr, settled, pending = plan()
+        finals = final_jobs(head_lr, settled) if head_lr is not None else []
+        if run_next([*pending, *finals], BASE):
+            continue
+        if head_lr is not None and not pending and len(settled) == len(TUNED) * len(METHODS):
+            return
+        time.sleep(20)
 
 
 def report() -> None:
+    """lr_selection.md (and the score record) always; the tables and comparisons once every final run is done."""
     from flexlora.aggregate.cli import main as aggregate
 
-    head_lr = chosen_head_lr()
+    record().update([Job(out, ()) for out in sorted(RUNS.glob("head/*/*/head*"))], _metric("stsb", "tune"))
+    scores_of = record()
+    scores_of.update([Job(out, ()) for out in sorted(RUNS.glob("tune/*/*/lr*"))], _metric("stsb", "tune"))
+    head_lr, settled, pending = plan()
+    if head_lr is None:
+        print("the head-lr stage has not finished", flush=True)
+        return
     lines = [f"Head lr (model.head_lr, every method): {head_lr:g}, chosen on the tune splits of "
-             f"{', '.join(HEAD_TASKS)} (seed 1; mean tune main metric x100 over methods and tasks):", ""]
+             f"{', '.join(HEAD_TASKS)} (seed 1; mean tune main metric x100 over methods and tasks; scores kept in "
+             "tune_record.json, those of 2026-12-04 at the 2 decimals shown):", ""]
     lines += ["| task | method | " + " | ".join(f"head {h:g}" for h in HEAD_GRID) + " |",
               "|---|---|" + "---|" * len(HEAD_GRID)]
+    scores = head_scores()
     for task in HEAD_TASKS:
         for method in METHODS:
-            cells = [100 * final_metric(RUNS / "head" / task / method / f"head{h:g}", _metric(task, "tune"))
-                     for h in HEAD_GRID]
+            cells = [100 * scores[job] for job in scores if job.out.parent.name == method
+                     and job.out.parent.parent.name == task]
             lines.append(f"| {task} | {method} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     lines += ["", "Method lr (tune split, seed 1; main metric x100; **chosen**; grids widened at an edge):", "",
               "| task | method | grid: score | chosen | at edge |", "|---|---|---|---|---|"]
-    for (task, method), (grid, choice) in grids(head_lr, run=False).items():
-        scores = lr_scores(task, method, grid)
-        cells = ", ".join(("**" if lr == choice.value else "") + f"{lr:g}: {100 * s:.2f}"
-                          + ("**" if lr == choice.value else "") for lr, s in scores.items())
+    for (task, method), (grid, choice) in settled.items():
+        cells = ", ".join(f"**{lr:g}: {100 * score:.2f}**" if lr == choice.value else f"{lr:g}: {100 * score:.2f}"
+                          for lr in grid for score in [scores_of.score(lr_job(task, method, lr, head_lr),
+                                                                       _metric(task, "tune"))])
         lines.append(f"| {task} | {method} | {cells} | {choice.value:g} | {'yes' if choice.at_edge else 'no'} |")
+    lines += [f"| pending | {job.out.relative_to(RUNS)} | | | |" for job in pending]
     (HERE / "lr_selection.md").write_text("\n".join(lines) + "\n")
+    if pending or not all(done(job) for job in final_jobs(head_lr, settled)):
+        print("a selection or final run has not finished: only lr_selection.md written", flush=True)
+        return
     aggregate([str(RUNS / "final"), "--out", str(HERE)])
     for a, b in (("flexlora", "adalora"), ("flexlora", "lora"), ("adalora", "lora")):
         aggregate([str(RUNS / "final"), "--compare", f"{a},{b}", "--out", str(HERE / f"compare_{a}_{b}")])

@@ -100,14 +100,14 @@ def final_jobs(settled: dict[str, tuple[list[float], Choice]]) -> list[Job]:
 
 def run() -> None:
     """Drain the queue: needed tune runs first, then the final runs of every method already settled, so no
-    worker idles while another finishes a widened grid."""
+    worker idles while another finishes a widened grid; return once nothing is left to claim."""
     while True:
         settled, pending = plan()
-        finals = final_jobs(settled)
-        if not pending and len(settled) == len(METHODS) and all(done(job) for job in finals):
-            return
-        if not run_next([*pending, *finals], BASE):
-            time.sleep(20)
+        if run_next([*pending, *final_jobs(settled)], BASE):
+            continue
+        if not pending and len(settled) == len(METHODS):
+            return  # every run is done or claimed by another worker
+        time.sleep(20)
 
 
 def report() -> None:

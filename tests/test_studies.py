@@ -1,0 +1,56 @@
+"""The study queue and score record: a checkout without run folders must make the same choices, and two workers
+must never run one job twice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flexlora.studies import Job, ScoreRecord, best_of, run_next, widen
+
+
+def _finish(job: Job, value: float) -> None:
+    job.out.mkdir(parents=True, exist_ok=True)
+    (job.out / "metrics.json").write_text(json.dumps({"final": {"tune/acc": value}}))
+
+
+def test_record_falls_back_for_missing_runs_and_prefers_a_run_that_exists(tmp_path: Path) -> None:
+    root, path = tmp_path / "runs", tmp_path / "tune_record.json"
+    a, b, c = (Job(root / "tune" / f"lr{lr:g}", ()) for lr in (1e-3, 2e-3, 4e-3))
+    _finish(a, 0.5)
+    _finish(b, 0.75)
+    ScoreRecord(path, root).update([a, b, c], "tune/acc")
+    assert json.loads(path.read_text()) == {"tune/lr0.001": 0.5, "tune/lr0.002": 0.75}
+
+    (a.out / "metrics.json").unlink()  # a fresh checkout: the run folder is gone, the record is not
+    (b.out / "metrics.json").write_text(json.dumps({"final": {"tune/acc": 0.25}}))  # rerun here: the run wins
+    fresh = ScoreRecord(path, root)
+    assert fresh.score(a, "tune/acc") == 0.5
+    assert fresh.score(b, "tune/acc") == 0.25
+    assert fresh.score(c, "tune/acc") is None
+
+
+def test_nan_score_never_wins_and_an_edge_choice_widens_once(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    jobs = {lr: Job(root / f"lr{lr:g}", ()) for lr in (1e-3, 2e-3, 4e-3)}
+    for lr, value in zip(jobs, (0.1, 0.2, float("nan")), strict=True):
+        _finish(jobs[lr], value)
+    record = ScoreRecord(tmp_path / "r.json", root)
+    choice = best_of({lr: record.score(job, "tune/acc") for lr, job in jobs.items()})
+    assert (choice.value, choice.at_edge) == (2e-3, False)
+    edge = best_of({1e-3: 0.1, 2e-3: 0.2, 4e-3: 0.3})
+    assert widen([1e-3, 2e-3, 4e-3], edge) == [1e-3, 2e-3, 4e-3, 8e-3]
+
+
+def test_run_next_claims_each_job_once_across_workers(tmp_path: Path, monkeypatch) -> None:
+    import flexlora.studies as studies
+
+    jobs = [Job(tmp_path / name, ()) for name in ("a", "b")]
+    ran: list[str] = []
+    monkeypatch.setattr(studies, "_train", lambda job, base, train: (ran.append(job.out.name), _finish(job, 1.0)))
+    assert run_next(jobs, ())
+    assert ran == ["a"]
+    jobs[1].out.mkdir()
+    (jobs[1].out / ".claim").touch()  # another worker holds b
+    assert not run_next(jobs, ())  # a is done, b is claimed: nothing left for this worker
+    assert ran == ["a"]
