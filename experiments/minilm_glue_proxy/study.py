@@ -11,7 +11,8 @@ runs of every settled choice, so no worker idles while another widens a grid):
    (seed 1); the value with the best mean tune score over methods and tasks is used for all methods.
 2. method lr: per tuned task and method, the grid value with the best tune-split main metric (seed 1); a choice
    at an edge widens the grid by one factor-2 step (at most WIDEN times).
-3. final: the chosen lr, SEEDS on the dev sets (seed-major, so a cut-short run still has whole seeds).
+3. final: the chosen lr, SEEDS on the dev sets (task-major, then seed-major: a study cut short still has
+   whole tasks, and ``report`` tabulates the tasks whose runs have all finished).
 The selection scores are kept in tune_record.json, so a checkout without the run folders makes the same choices.
 Every run is the framework's own train() under multirun/minilm_glue_proxy_v2/ (ignored by git); finished runs
 are skipped on a rerun, and a killed worker's claimed run is redone once its ``.claim`` file is deleted.
@@ -116,10 +117,11 @@ def plan() -> tuple[float | None, dict[tuple[str, str], tuple[list[float], Choic
 
 
 def final_jobs(head_lr: float, settled: dict[tuple[str, str], tuple[list[float], Choice]]) -> list[Job]:
-    """Seed-major: every (task, method) whose lr source is settled, then the extra arms."""
+    """Task-major, then seed-major (a cut-short study still has whole tasks of whole seeds): every (task, method)
+    whose lr source is settled, then the extra arms."""
     jobs = []
-    for seed in SEEDS:
-        for task in TASKS:
+    for task in TASKS:
+        for seed in SEEDS:
             for method in METHODS:
                 if (LR_SOURCE[task], method) not in settled:
                     continue
@@ -180,12 +182,17 @@ def report() -> None:
         lines.append(f"| {task} | {method} | {cells} | {choice.value:g} | {'yes' if choice.at_edge else 'no'} |")
     lines += [f"| pending | {job.out.relative_to(RUNS)} | | | |" for job in pending]
     (HERE / "lr_selection.md").write_text("\n".join(lines) + "\n")
-    if pending or not all(done(job) for job in final_jobs(head_lr, settled)):
-        print("a selection or final run has not finished: only lr_selection.md written", flush=True)
+    finals = final_jobs(head_lr, settled)
+    tasks = [task for task in TASKS if all(done(job) for job in finals if job.out.parents[1].name == task)]
+    if pending or not tasks:
+        print("no task has all its final runs: only lr_selection.md written", flush=True)
         return
-    aggregate([str(RUNS / "final"), "--out", str(HERE)])
+    if tasks != list(TASKS):
+        print(f"tables for {', '.join(tasks)} only: the other tasks' final runs have not finished", flush=True)
+    dirs = [str(RUNS / "final" / task) for task in tasks]
+    aggregate([*dirs, "--out", str(HERE)])
     for a, b in (("flexlora", "adalora"), ("flexlora", "lora"), ("adalora", "lora")):
-        aggregate([str(RUNS / "final"), "--compare", f"{a},{b}", "--out", str(HERE / f"compare_{a}_{b}")])
+        aggregate([*dirs, "--compare", f"{a},{b}", "--out", str(HERE / f"compare_{a}_{b}")])
 
 
 def main() -> None:
