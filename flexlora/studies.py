@@ -102,6 +102,33 @@ def widen(grid: Sequence[float], choice: Choice, factor: float = 2.0) -> list[fl
     return [values[0] / factor, *values] if choice.value == values[0] else [*values, values[-1] * factor]
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Where a grid search stands: the grid so far, its choice once settled, or the values still unscored."""
+
+    grid: list[float]
+    choice: Choice | None
+    missing: list[float]
+
+
+def settle(grid: Sequence[float], score: Callable[[float], float | None], max_widen: int) -> Selection:
+    """Walk a grid to its choice: score every value, widen at an edge (at most ``max_widen`` times), and stop at
+    the values without a score (their runs are still needed; ``grid``'s own order first, so a centre-first grid
+    runs its centre first) or when the choice is interior or may not widen any more."""
+    values = sorted(grid)
+    for widened in range(max_widen + 1):
+        scores = {value: score(value) for value in values}
+        missing = [v for v in grid if scores[v] is None] + [v for v in values if scores[v] is None and v not in grid]
+        if missing:
+            return Selection(values, None, missing)
+        choice = best_of(scores)  # every score is a float here
+        wider = widen(values, choice)
+        if wider == values or widened == max_widen:
+            return Selection(values, choice, [])
+        values = wider
+    raise AssertionError("unreachable: the loop returns at widened == max_widen")
+
+
 class ScoreRecord:
     """Tune scores keyed by a run folder's path below ``root``, kept in ``path`` (committed with the study).
 

@@ -54,3 +54,20 @@ def test_run_next_claims_each_job_once_across_workers(tmp_path: Path, monkeypatc
     (jobs[1].out / ".claim").touch()  # another worker holds b
     assert not run_next(jobs, ())  # a is done, b is claimed: nothing left for this worker
     assert ran == ["a"]
+
+
+def test_settle_asks_for_the_centre_first_widens_at_an_edge_and_stops_at_the_limit() -> None:
+    from flexlora.studies import settle
+
+    scores: dict[float, float] = {}
+    first = settle((4e-3, 2e-3, 8e-3), scores.get, max_widen=1)
+    assert first.choice is None and first.missing == [4e-3, 2e-3, 8e-3]  # centre first, as the grid lists it
+
+    scores.update({2e-3: 0.1, 4e-3: 0.2, 8e-3: 0.3})  # best at the top edge: one more value is needed
+    assert settle((4e-3, 2e-3, 8e-3), scores.get, max_widen=1).missing == [1.6e-2]
+    scores[1.6e-2] = 0.4  # the edge again, but the grid may not widen twice
+    limited = settle((4e-3, 2e-3, 8e-3), scores.get, max_widen=1)
+    assert (limited.choice.value, limited.choice.at_edge, limited.missing) == (1.6e-2, True, [])
+    scores[1.6e-2] = 0.25  # interior: 8e-3 wins
+    interior = settle((4e-3, 2e-3, 8e-3), scores.get, max_widen=1)
+    assert (interior.choice.value, interior.choice.at_edge, interior.grid) == (8e-3, False, [2e-3, 4e-3, 8e-3, 1.6e-2])

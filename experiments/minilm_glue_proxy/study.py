@@ -34,7 +34,7 @@ RUNS = REPO / "multirun" / "minilm_glue_proxy_v2"
 RECORD = HERE / "tune_record.json"  # the selection scores, committed (flexlora.studies.ScoreRecord)
 sys.path.insert(0, str(REPO))
 
-from flexlora.studies import Choice, Job, ScoreRecord, best_of, done, run_next, widen  # noqa: E402
+from flexlora.studies import Choice, Job, ScoreRecord, best_of, done, run_next, settle  # noqa: E402
 
 BASE = ("+experiment=minilm_glue_proxy", "trainer.enable_progress_bar=false", "logger=none")
 TASKS = ("stsb", "mrpc")  # SST-2 and CoLA did not fit this session's CPU time (README)
@@ -97,23 +97,16 @@ def plan() -> tuple[float | None, dict[tuple[str, str], tuple[list[float], Choic
         return None, {}, [job for job, score in head_scores().items() if score is None]
     scores_of = record()
     settled: dict[tuple[str, str], tuple[list[float], Choice]] = {}
-    missing: dict[tuple[str, str], list[Job]] = {}
+    missing: list[list[Job]] = []
     for task in TUNED:
         for method in METHODS:
-            grid = sorted(LR_GRID[method])
-            while True:
-                scores = {lr: scores_of.score(lr_job(task, method, lr, head_lr), _metric(task, "tune")) for lr in grid}
-                if any(score is None for score in scores.values()):
-                    missing[(task, method)] = [lr_job(task, method, lr, head_lr) for lr in grid if scores[lr] is None]
-                    break
-                choice = best_of(scores)
-                wider = widen(grid, choice)
-                if wider == grid or len(wider) > len(LR_GRID[method]) + WIDEN:
-                    settled[(task, method)] = (grid, choice)
-                    break
-                grid = wider
-    pending = [job for row in zip_longest(*missing.values()) for job in row if job is not None]
-    return head_lr, settled, pending
+            selection = settle(LR_GRID[method], lambda lr, t=task, m=method: scores_of.score(
+                lr_job(t, m, lr, head_lr), _metric(t, "tune")), WIDEN)
+            if selection.choice is None:
+                missing.append([lr_job(task, method, lr, head_lr) for lr in selection.missing])
+            else:
+                settled[(task, method)] = (selection.grid, selection.choice)
+    return head_lr, settled, [job for row in zip_longest(*missing) for job in row if job is not None]
 
 
 def final_jobs(head_lr: float, settled: dict[tuple[str, str], tuple[list[float], Choice]]) -> list[Job]:

@@ -32,7 +32,7 @@ RUNS = REPO / "multirun" / "smollm2_commonsense_v2"
 RECORD = HERE / "tune_record.json"
 sys.path.insert(0, str(REPO))
 
-from flexlora.studies import Choice, Job, ScoreRecord, best_of, done, run_next, widen  # noqa: E402
+from flexlora.studies import Choice, Job, ScoreRecord, done, run_next, settle  # noqa: E402
 
 BASE = ("+experiment=smollm2_commonsense", "trainer.enable_progress_bar=false", "logger=none")
 METHODS = ("lora", "adalora", "flexlora")
@@ -59,31 +59,17 @@ def record() -> ScoreRecord:
 
 
 def plan() -> tuple[dict[str, tuple[list[float], Choice]], list[Job]]:
-    """The settled methods' (final grid, choice), and the tune runs still needed by the others (centres first).
-
-    A method settles when every value of its grid has a score (run here or recorded) and its choice is interior
-    or the grid may not widen further.
-    """
+    """The settled methods' (final grid, choice), and the tune runs still needed by the others (centres first)."""
     scores_of = record()
     settled: dict[str, tuple[list[float], Choice]] = {}
-    missing: dict[str, list[Job]] = {}
+    missing: list[list[Job]] = []
     for method in METHODS:
-        grid = sorted(LR_GRID[method])
-        while True:
-            scores = {lr: scores_of.score(lr_job(method, lr), _tune_metric()) for lr in grid}
-            todo = [lr for lr in LR_GRID[method] if scores.get(lr) is None] + [
-                lr for lr in grid if scores[lr] is None and lr not in LR_GRID[method]]
-            if todo:
-                missing[method] = [lr_job(method, lr) for lr in todo]
-                break
-            choice = best_of(scores)
-            wider = widen(grid, choice)
-            if wider == grid or len(wider) > len(LR_GRID[method]) + WIDEN:
-                settled[method] = (grid, choice)
-                break
-            grid = wider
-    pending = [job for row in zip_longest(*missing.values()) for job in row if job is not None]
-    return settled, pending
+        selection = settle(LR_GRID[method], lambda lr, m=method: scores_of.score(lr_job(m, lr), _tune_metric()), WIDEN)
+        if selection.choice is None:
+            missing.append([lr_job(method, lr) for lr in selection.missing])
+        else:
+            settled[method] = (selection.grid, selection.choice)
+    return settled, [job for row in zip_longest(*missing) for job in row if job is not None]
 
 
 def final_jobs(settled: dict[str, tuple[list[float], Choice]]) -> list[Job]:
