@@ -75,8 +75,12 @@ def wait_for(jobs: Sequence[Job], poll_s: float = 20.0) -> None:
 
 
 def final_metric(out: Path, key: str) -> float:
-    """A run's final metric; NaN (undefined, e.g. constant predictions) counts as -inf so it never wins."""
-    value = json.loads((out / METRICS).read_text())["final"][key]
+    """A run's final metric; NaN (undefined) or a degenerate split (constant predictions, for a pooled split
+    within any one answer format) counts as -inf, so a collapsed run never wins a selection."""
+    metrics = json.loads((out / METRICS).read_text())
+    value = metrics["final"][key]
+    if metrics.get("degenerate", {}).get(key.split("/")[0]):
+        return float("-inf")
     return value if isinstance(value, float | int) and not math.isnan(value) else float("-inf")
 
 

@@ -67,3 +67,33 @@ def test_tune_size_must_leave_training_data(data_dir):
 
     with pytest.raises(FlexLoRAError, match="tune_size"):
         _family(data_dir, seed=1, tune_size=80).load_data()
+
+
+def test_a_pooled_split_is_degenerate_when_one_answer_format_is_constant(data_dir):
+    """The SmolLM2 study's tune run at FlexLoRA's lr 3.2e-2 answered "answer3" for all 264 multiple-choice
+    items while varying on BoolQ, so the pooled split passed the old whole-split check."""
+    from flexlora.families.base import EvalRecords
+
+    family = _family(data_dir, seed=1)
+    labels = ["true", "false", "true", "false", "answer1", "answer2", "answer3", "answer4"]
+    varied = EvalRecords(list(range(8)), labels, ["true", "false", "false", "true", "answer1", "answer3", "answer3",
+                                                  "answer2"])
+    assert family.degenerate(varied) == ""
+    collapsed = EvalRecords(list(range(8)), labels, ["true", "false", "false", "true", *["answer3"] * 4])
+    reason = family.degenerate(collapsed)
+    assert reason.startswith("answer items (4 of 8): constant predictions") and "true/false" not in reason
+    one_format = EvalRecords(list(range(4)), labels[:4], ["true"] * 4)  # a single set: the whole-split check
+    assert family.degenerate(one_format).startswith("constant predictions")
+
+
+def test_a_selection_never_chooses_a_degenerate_run(tmp_path):
+    import json
+
+    from flexlora.studies import final_metric
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"final": {"tune/accuracy": 0.475},
+                                                       "degenerate": {"tune": True}}))
+    assert final_metric(tmp_path, "tune/accuracy") == float("-inf")
+    (tmp_path / "metrics.json").write_text(json.dumps({"final": {"tune/accuracy": 0.475},
+                                                       "degenerate": {"tune": False}}))
+    assert final_metric(tmp_path, "tune/accuracy") == 0.475

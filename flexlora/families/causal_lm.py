@@ -48,6 +48,14 @@ class ItemBatch:
         return len(self.items)
 
 
+def answer_format(label: str) -> str:
+    """The answer vocabulary an LLM-Adapters label belongs to: "true/false" (BoolQ), else the label without its
+    number ("answer3" -> "answer", "option2" -> "option", "ending4" -> "ending")."""
+    if label in ("true", "false"):
+        return "true/false"
+    return label.rstrip("0123456789") or label
+
+
 def _sample(items: list[Any], limit: int | None, seed: int = 0) -> list[Any]:
     """A fixed random subset (seed independent of the run's), kept in file order; all when no limit."""
     if limit is None or limit >= len(items):
@@ -165,6 +173,26 @@ class CausalLMFamily(Family):
         from flexlora.families.commonsense_eval import accuracy
 
         return {f"{split}/accuracy": accuracy(records.prediction, records.label)}
+
+    def degenerate(self, records: EvalRecords) -> str:
+        """Constant predictions within any one answer format (see ``answer_format``), not just over the split.
+
+        A pooled split (``task.split=tune`` mixes BoolQ's true/false with ARC's and OBQA's answer1-5) can look
+        varied while the model answers one label per format; that is the collapse a selection must not reward.
+        """
+        from flexlora.metrics import describe_degenerate
+
+        groups: dict[str, list[int]] = {}
+        for i, label in enumerate(records.label):
+            groups.setdefault(answer_format(str(label)), []).append(i)
+        if len(groups) <= 1:
+            return super().degenerate(records)
+        reasons = []
+        for name, rows in sorted(groups.items()):
+            line = describe_degenerate([records.prediction[i] for i in rows], False, [records.label[i] for i in rows])
+            if len(rows) > 1 and line:
+                reasons.append(f"{name} items ({len(rows)} of {len(records.label)}): {line}")
+        return "; ".join(reasons)
 
     def summary_metrics(self, per_split: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
         values = [m[f"{s}/accuracy"] for s, m in per_split.items()]
