@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,13 +51,6 @@ def _train(job: Job, base: Sequence[str], train: Callable[[Any], Any] | None) ->
     print(f"done {job.out}", flush=True)
 
 
-def run_jobs(jobs: Iterable[Job], base: Sequence[str], train: Callable[[Any], Any] | None = None) -> None:
-    """Run every unclaimed, unfinished job through the framework's own ``train`` (``base`` overrides first)."""
-    for job in jobs:
-        if not done(job) and claim(job.out):
-            _train(job, base, train)
-
-
 def run_next(jobs: Iterable[Job], base: Sequence[str], train: Callable[[Any], Any] | None = None) -> bool:
     """Run the first unclaimed, unfinished job; False when there was none (all done or claimed by others)."""
     for job in jobs:
@@ -66,12 +58,6 @@ def run_next(jobs: Iterable[Job], base: Sequence[str], train: Callable[[Any], An
             _train(job, base, train)
             return True
     return False
-
-
-def wait_for(jobs: Sequence[Job], poll_s: float = 20.0) -> None:
-    """Block until every job has its metrics.json (other workers may still be running some)."""
-    while not all(done(j) for j in jobs):
-        time.sleep(poll_s)
 
 
 def final_metric(out: Path, key: str) -> float:
@@ -119,8 +105,8 @@ def settle(grid: Sequence[float], score: Callable[[float], float | None], max_wi
     """Walk a grid to its choice: score every value, widen at an edge (at most ``max_widen`` times), and stop at
     the values without a score (their runs are still needed; ``grid``'s own order first, so a centre-first grid
     runs its centre first) or when the choice is interior or may not widen any more."""
-    values = sorted(grid)
-    for widened in range(max_widen + 1):
+    values, widened = sorted(grid), 0
+    while True:
         scores = {value: score(value) for value in values}
         missing = [v for v in grid if scores[v] is None] + [v for v in values if scores[v] is None and v not in grid]
         if missing:
@@ -129,8 +115,7 @@ def settle(grid: Sequence[float], score: Callable[[float], float | None], max_wi
         wider = widen(values, choice)
         if wider == values or widened == max_widen:
             return Selection(values, choice, [])
-        values = wider
-    raise AssertionError("unreachable: the loop returns at widened == max_widen")
+        values, widened = wider, widened + 1
 
 
 class ScoreRecord:

@@ -148,9 +148,9 @@ def report() -> None:
     """lr_selection.md (and the score record) always; the tables and comparisons once every final run is done."""
     from flexlora.aggregate.cli import main as aggregate
 
-    record().update([Job(out, ()) for out in sorted(RUNS.glob("head/*/*/head*"))], _metric("stsb", "tune"))
-    scores_of = record()
-    scores_of.update([Job(out, ()) for out in sorted(RUNS.glob("tune/*/*/lr*"))], _metric("stsb", "tune"))
+    scores_of = record()  # both selection stages score on STS-B's tune metric (HEAD_TASKS, TUNED)
+    selection_runs = [out for pattern in ("head/*/*/head*", "tune/*/*/lr*") for out in sorted(RUNS.glob(pattern))]
+    scores_of.update([Job(out, ()) for out in selection_runs], _metric("stsb", "tune"))
     head_lr, settled, pending = plan()
     if head_lr is None:
         print("the head-lr stage has not finished", flush=True)
