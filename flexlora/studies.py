@@ -101,17 +101,27 @@ class Selection:
     missing: list[float]
 
 
-def settle(grid: Sequence[float], score: Callable[[float], float | None], max_widen: int) -> Selection:
+def settle(grid: Sequence[float], score: Callable[[float], float | None], max_widen: int,
+           bound: Callable[[float], float | None] | None = None) -> Selection:
     """Walk a grid to its choice: score every value, widen at an edge (at most ``max_widen`` times), and stop at
     the values without a score (their runs are still needed; ``grid``'s own order first, so a centre-first grid
-    runs its centre first) or when the choice is interior or may not widen any more."""
+    runs its centre first) or when the choice is interior or may not widen any more.
+
+    ``bound`` gives an upper bound for a value whose score is not known under the study's degenerate check (a
+    score taken under an older, laxer check: a stricter check can only turn a score into -inf, and a rerun
+    reproduces the rest). Bounds stand in for scores, except that a best value resting on a bound is itself
+    missing: once its run is rechecked it either keeps the lead, beating every bound, or drops out. So only the
+    runs that can change the choice are redone."""
     values, widened = sorted(grid), 0
     while True:
         scores = {value: score(value) for value in values}
-        missing = [v for v in grid if scores[v] is None] + [v for v in values if scores[v] is None and v not in grid]
+        known = {v: s if s is not None or bound is None else bound(v) for v, s in scores.items()}
+        missing = [v for v in grid if known[v] is None] + [v for v in values if known[v] is None and v not in grid]
         if missing:
             return Selection(values, None, missing)
-        choice = best_of(scores)  # every score is a float here
+        choice = best_of(known)  # every value has a score or a bound here
+        if scores[choice.value] is None:
+            return Selection(values, None, [choice.value])
         wider = widen(values, choice)
         if wider == values or widened == max_widen:
             return Selection(values, choice, [])
@@ -123,23 +133,40 @@ class ScoreRecord:
 
     ``score`` prefers the run's own metrics.json and falls back to the record, so a fresh checkout without the
     run folders makes the same selection; ``update`` records every finished run's score at full precision.
+    With a ``check`` (a family's ``degenerate_check``), only scores taken under that rule count as scores: a run
+    or an entry from an older rule is a ``bound`` (see ``settle``). Entries carry their rule when there is one.
     """
 
-    def __init__(self, path: Path, root: Path) -> None:
-        self.path, self.root = path, root
-        self.scores: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+    def __init__(self, path: Path, root: Path, check: str | None = None) -> None:
+        self.path, self.root, self.check = path, root, check
+        self.entries: dict[str, float | dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
 
     def key(self, job: Job) -> str:
         return job.out.relative_to(self.root).as_posix()
 
-    def score(self, job: Job, metric: str) -> float | None:
-        """The job's score, or None when it has neither run here nor been recorded."""
+    def _lookup(self, job: Job, metric: str) -> tuple[float, str | None] | None:
+        """(score, the degenerate rule it was taken under) from the run folder, else from the record."""
         if done(job):
-            return final_metric(job.out, metric)
-        return self.scores.get(self.key(job))
+            return final_metric(job.out, metric), json.loads((job.out / METRICS).read_text()).get("degenerate_check")
+        entry = self.entries.get(self.key(job))
+        if entry is None:
+            return None
+        return (entry["score"], entry.get("check")) if isinstance(entry, dict) else (entry, None)
+
+    def score(self, job: Job, metric: str) -> float | None:
+        """The job's score under the record's check, or None when it has neither run here nor been recorded
+        (or, with a check, was scored under another rule: see ``bound``)."""
+        found = self._lookup(job, metric)
+        return found[0] if found is not None and self.check in (None, found[1]) else None
+
+    def bound(self, job: Job, metric: str) -> float | None:
+        """Any score the job has, under whatever rule: an upper bound of its score under the record's check."""
+        found = self._lookup(job, metric)
+        return None if found is None else found[0]
 
     def update(self, jobs: Iterable[Job], metric: str) -> None:
         for job in jobs:
             if done(job):
-                self.scores[self.key(job)] = final_metric(job.out, metric)
-        self.path.write_text(json.dumps(dict(sorted(self.scores.items())), indent=1) + "\n")
+                value, check = self._lookup(job, metric)
+                self.entries[self.key(job)] = value if self.check is None else {"score": value, "check": check}
+        self.path.write_text(json.dumps(dict(sorted(self.entries.items())), indent=1) + "\n")

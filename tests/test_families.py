@@ -42,6 +42,7 @@ def test_reported_glue_metrics_equal_sklearn_and_scipy_on_the_runs_own_predictio
     constant = len(set(p)) == 1
     near_constant = task == "stsb" and statistics.pstdev(p) < 1e-3 * statistics.pstdev(y)  # regression only
     assert metrics["degenerate"] == {"val": constant or near_constant}
+    assert metrics["degenerate_check"] == "constant-or-near-constant"  # the rule a study's record checks against
     if task == "cola":
         assert same(final["val/mcc"], matthews_corrcoef(y, p))  # 0.0 for constant predictions, never 0.0256
         assert same(final["val/accuracy"], accuracy_score(y, p))
@@ -66,6 +67,7 @@ def test_commonsense_family_on_tiny_llama(tmp_path):
         assert final[f"{split}/accuracy"] == pytest.approx(sum(r["prediction"] == r["label"] for r in mine) / 12)
         assert all(len(r["score"]) == 2 for r in mine)  # one log-likelihood per candidate
     assert metrics["events"] > 0 and metrics["optimized_metric"] == "avg/accuracy"
+    assert metrics["degenerate_check"] == "constant-per-answer-format"
 
 
 def test_commonsense_generate_protocol_and_missing_set(tmp_path):

@@ -71,3 +71,47 @@ def test_settle_asks_for_the_centre_first_widens_at_an_edge_and_stops_at_the_lim
     scores[1.6e-2] = 0.25  # interior: 8e-3 wins
     interior = settle((4e-3, 2e-3, 8e-3), scores.get, max_widen=1)
     assert (interior.choice.value, interior.choice.at_edge, interior.grid) == (8e-3, False, [2e-3, 4e-3, 8e-3, 1.6e-2])
+
+
+def _finish_checked(job: Job, value: float, check: str | None) -> None:
+    job.out.mkdir(parents=True, exist_ok=True)
+    metrics = {"final": {"tune/acc": value}, **({"degenerate_check": check} if check else {})}
+    (job.out / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_a_record_with_a_check_counts_only_scores_taken_under_it(tmp_path: Path) -> None:
+    root, path = tmp_path / "runs", tmp_path / "tune_record.json"
+    old, older_run, new = (Job(root / f"lr{lr:g}", ()) for lr in (1e-3, 2e-3, 4e-3))
+    path.write_text(json.dumps({"lr0.001": 0.5}))  # a record written before the rule had a name
+    _finish_checked(older_run, 0.6, "whole-split")
+    _finish_checked(new, 0.4, "per-format")
+    lax = ScoreRecord(path, root)  # no check: every score counts, as before
+    assert [lax.score(j, "tune/acc") for j in (old, older_run, new)] == [0.5, 0.6, 0.4]
+    strict = ScoreRecord(path, root, check="per-format")
+    assert [strict.score(j, "tune/acc") for j in (old, older_run, new)] == [None, None, 0.4]
+    assert [strict.bound(j, "tune/acc") for j in (old, older_run, new)] == [0.5, 0.6, 0.4]
+    strict.update([older_run, new], "tune/acc")
+    assert json.loads(path.read_text()) == {"lr0.001": 0.5, "lr0.002": {"score": 0.6, "check": "whole-split"},
+                                            "lr0.004": {"score": 0.4, "check": "per-format"}}
+    for job in (older_run, new):
+        (job.out / "metrics.json").unlink()  # a fresh checkout keeps each entry's rule
+    again = ScoreRecord(path, root, check="per-format")
+    assert [again.score(j, "tune/acc") for j in (old, older_run, new)] == [None, None, 0.4]
+
+
+def test_settle_reruns_only_a_best_that_rests_on_a_bound() -> None:
+    from flexlora.studies import settle
+
+    bounds = {2e-3: 0.43, 4e-3: 0.445, 8e-3: 0.467, 1.6e-2: 0.47, 3.2e-2: 0.475}  # older check: upper bounds
+    scores: dict[float, float] = {}
+    grid = (4e-3, 2e-3, 8e-3)
+    step = settle(grid, scores.get, 3, bounds.get)
+    assert step.choice is None and step.missing == [8e-3]  # the best of the bounds, at the edge, is rechecked
+    scores[8e-3] = 0.467  # holds under the new check: the grid widens, and the new edge rests on a bound
+    assert settle(grid, scores.get, 3, bounds.get).missing == [1.6e-2]
+    scores[1.6e-2] = 0.47  # holds: the next widening's bound leads
+    assert settle(grid, scores.get, 3, bounds.get).missing == [3.2e-2]
+    scores[3.2e-2] = float("-inf")  # collapsed under the new check: 1.6e-2 is the interior choice
+    done_ = settle(grid, scores.get, 3, bounds.get)
+    assert (done_.choice.value, done_.choice.at_edge, done_.missing) == (1.6e-2, False, [])
+    assert done_.grid == [2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2]  # 2e-3 and 4e-3 never reran: they cannot win

@@ -55,7 +55,11 @@ def lr_job(method: str, lr: float) -> Job:
 
 
 def record() -> ScoreRecord:
-    return ScoreRecord(RECORD, RUNS)
+    """Scores count under the commonsense family's current degenerate rule (per answer format); the scores
+    recorded under the older whole-split rule are upper bounds, so only runs that can change a choice rerun."""
+    from flexlora.families.causal_lm import CausalLMFamily
+
+    return ScoreRecord(RECORD, RUNS, check=CausalLMFamily.degenerate_check)
 
 
 def plan() -> tuple[dict[str, tuple[list[float], Choice]], list[Job]]:
@@ -64,7 +68,8 @@ def plan() -> tuple[dict[str, tuple[list[float], Choice]], list[Job]]:
     settled: dict[str, tuple[list[float], Choice]] = {}
     missing: list[list[Job]] = []
     for method in METHODS:
-        selection = settle(LR_GRID[method], lambda lr, m=method: scores_of.score(lr_job(m, lr), _tune_metric()), WIDEN)
+        selection = settle(LR_GRID[method], lambda lr, m=method: scores_of.score(lr_job(m, lr), _tune_metric()), WIDEN,
+                           lambda lr, m=method: scores_of.bound(lr_job(m, lr), _tune_metric()))
         if selection.choice is None:
             missing.append([lr_job(method, lr) for lr in selection.missing])
         else:
@@ -79,8 +84,13 @@ def final_jobs(settled: dict[str, tuple[list[float], Choice]]) -> list[Job]:
         for method in METHODS:
             if method in settled:
                 lr = settled[method][1].value
-                jobs.append(Job(RUNS / "final" / method / f"s{seed}",
-                                (f"allocator={method}", f"model.optimizer.lr={lr}", f"seed={seed}")))
+                job = Job(RUNS / "final" / method / f"s{seed}",
+                          (f"allocator={method}", f"model.optimizer.lr={lr}", f"seed={seed}"))
+                if done(job) and (ran := json.loads((job.out / "metrics.json").read_text())["config"]["model"]
+                                  ["optimizer"]["lr"]) != lr:
+                    raise SystemExit(f"{job.out} ran at lr {ran:g}, but {method}'s choice is now {lr:g}: move the "
+                                     "folder aside (e.g. to superseded/) so the final runs are redone")
+                jobs.append(job)
     return jobs
 
 
@@ -96,6 +106,15 @@ def run() -> None:
         time.sleep(20)
 
 
+def _cell(scores_of: ScoreRecord, method: str, lr: float, chosen: bool) -> str:
+    score = scores_of.score(lr_job(method, lr), _tune_metric())
+    if score is None:
+        text = f"<= {100 * scores_of.bound(lr_job(method, lr), _tune_metric()):.2f}"
+    else:
+        text = "*degenerate*" if score == float("-inf") else f"{100 * score:.2f}"
+    return f"**{lr:g}: {text}**" if chosen else f"{lr:g}: {text}"
+
+
 def report() -> None:
     """lr_selection.md (and the score record) always; the tables and comparisons once stage 2 has finished."""
     from flexlora.aggregate.cli import main as aggregate
@@ -104,11 +123,12 @@ def report() -> None:
     scores_of.update([Job(out, ()) for out in sorted(RUNS.glob("tune/*/lr*"))], _tune_metric())
     settled, pending = plan()
     lines = ["Method lr (tune split: 600 held-out training records, seed 1; accuracy x100; **chosen**; a choice at "
-             f"an edge widens the grid, at most {WIDEN} times; scores kept in tune_record.json):", "",
+             f"an edge widens the grid, at most {WIDEN} times; scores kept in tune_record.json; *degenerate*: the "
+             "answers are constant within one answer format; <= x: scored under the older whole-split check only, "
+             "an upper bound that cannot change the choice):", "",
              "| method | grid: score | chosen | at edge |", "|---|---|---|---|"]
     for method, (grid, choice) in settled.items():
-        cells = ", ".join(f"**{lr:g}: {100 * score:.2f}**" if lr == choice.value else f"{lr:g}: {100 * score:.2f}"
-                          for lr in grid for score in [scores_of.score(lr_job(method, lr), _tune_metric())])
+        cells = ", ".join(_cell(scores_of, method, lr, lr == choice.value) for lr in grid)
         lines.append(f"| {method} | {cells} | {choice.value:g} | {'yes' if choice.at_edge else 'no'} |")
     lines += [f"| {job.out.parent.name} | pending: {job.out.name} | | |" for job in pending]
     (HERE / "lr_selection.md").write_text("\n".join(lines) + "\n")

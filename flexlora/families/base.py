@@ -68,6 +68,11 @@ class Family(ABC):
     which become typed schema objects here: the family's own task schema (named in its registry entry) and
     ``BackboneConfig``. Family code reads their attributes; the defaults are the schemas'."""
 
+    # The rule ``degenerate`` applies, written into every metrics.json: a study that selects on a stricter rule
+    # tells a run scored under an older one from a checked run (flexlora.studies.ScoreRecord). Rename it whenever
+    # the rule flags more splits.
+    degenerate_check = "constant-or-near-constant"
+
     def __init__(self, task: Mapping[str, Any] | TaskConfig, backbone: Mapping[str, Any] | BackboneConfig,
                  seed: int = 0) -> None:
         from flexlora.family_registry import family_entry

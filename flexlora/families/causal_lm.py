@@ -69,6 +69,8 @@ class CausalLMFamily(Family):
     evaluates on them with the loglik protocol (metrics ``tune/accuracy``): hyperparameters are then chosen on
     training data, never on the reported sets."""
 
+    degenerate_check = "constant-per-answer-format"
+
     @property
     def eval_splits(self) -> list[str]:
         """One evaluation split per set in ``task.eval_sets`` (or ``tune``)."""
