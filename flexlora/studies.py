@@ -94,7 +94,8 @@ def widen(grid: Sequence[float], choice: Choice, factor: float = 2.0) -> list[fl
 
 @dataclass(frozen=True)
 class Selection:
-    """Where a grid search stands: the grid so far, its choice once settled, or the values still unscored."""
+    """Where a grid search stands: the grid so far, its choice once settled, or the values still unscored
+    (no choice and nothing missing: no value of the walked grid is admissible)."""
 
     grid: list[float]
     choice: Choice | None
@@ -105,7 +106,9 @@ def settle(grid: Sequence[float], score: Callable[[float], float | None], max_wi
            bound: Callable[[float], float | None] | None = None) -> Selection:
     """Walk a grid to its choice: score every value, widen at an edge (at most ``max_widen`` times), and stop at
     the values without a score (their runs are still needed; ``grid``'s own order first, so a centre-first grid
-    runs its centre first) or when the choice is interior or may not widen any more.
+    runs its centre first) or when the choice is interior or may not widen any more. When every value is -inf
+    (degenerate or undefined), the smallest is the "best" and the grid widens downwards, away from the usual
+    cause of a collapse; if the walk ends there, there is no admissible value: no choice and nothing missing.
 
     ``bound`` gives an upper bound for a value whose score is not known under the study's degenerate check (a
     score taken under an older, laxer check: a stricter check can only turn a score into -inf, and a rerun
@@ -124,7 +127,7 @@ def settle(grid: Sequence[float], score: Callable[[float], float | None], max_wi
             return Selection(values, None, [choice.value])
         wider = widen(values, choice)
         if wider == values or widened == max_widen:
-            return Selection(values, choice, [])
+            return Selection(values, choice if choice.score > float("-inf") else None, [])
         values, widened = wider, widened + 1
 
 

@@ -115,3 +115,15 @@ def test_settle_reruns_only_a_best_that_rests_on_a_bound() -> None:
     done_ = settle(grid, scores.get, 3, bounds.get)
     assert (done_.choice.value, done_.choice.at_edge, done_.missing) == (1.6e-2, False, [])
     assert done_.grid == [2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2]  # 2e-3 and 4e-3 never reran: they cannot win
+
+
+def test_an_all_degenerate_grid_widens_downwards_and_then_has_no_choice() -> None:
+    from flexlora.studies import settle
+
+    scores = dict.fromkeys((5e-4, 1e-3, 2e-3), float("-inf"))
+    assert settle((1e-3, 5e-4, 2e-3), scores.get, 1).missing == [2.5e-4]  # away from the collapse
+    scores[2.5e-4] = float("-inf")
+    none = settle((1e-3, 5e-4, 2e-3), scores.get, 1)
+    assert (none.choice, none.missing, none.grid) == (None, [], [2.5e-4, 5e-4, 1e-3, 2e-3])
+    scores[2.5e-4] = 0.3  # one admissible value is enough
+    assert settle((1e-3, 5e-4, 2e-3), scores.get, 1).choice.value == 2.5e-4

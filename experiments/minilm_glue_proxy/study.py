@@ -133,14 +133,14 @@ def final_jobs(head_lr: float, settled: dict[tuple[str, str], tuple[list[float],
 
 def run() -> None:
     """Drain one queue: missing selection runs first, then the final runs of every settled choice; a worker
-    returns once every choice is settled and nothing is left to claim."""
+    returns once every selection is resolved and nothing is left to claim."""
     while True:
         head_lr, settled, pending = plan()
         finals = final_jobs(head_lr, settled) if head_lr is not None else []
         if run_next([*pending, *finals], BASE):
             continue
-        if head_lr is not None and not pending and len(settled) == len(TUNED) * len(METHODS):
-            return
+        if head_lr is not None and not pending:
+            return  # every selection is resolved (a claimed selection run stays pending until it is done)
         time.sleep(20)
 
 

@@ -32,7 +32,7 @@ RUNS = REPO / "multirun" / "smollm2_commonsense_v2"
 RECORD = HERE / "tune_record.json"
 sys.path.insert(0, str(REPO))
 
-from flexlora.studies import Choice, Job, ScoreRecord, done, run_next, settle  # noqa: E402
+from flexlora.studies import Choice, Job, ScoreRecord, Selection, done, run_next, settle  # noqa: E402
 
 BASE = ("+experiment=smollm2_commonsense", "trainer.enable_progress_bar=false", "logger=none")
 METHODS = ("lora", "adalora", "flexlora")
@@ -62,28 +62,28 @@ def record() -> ScoreRecord:
     return ScoreRecord(RECORD, RUNS, check=CausalLMFamily.degenerate_check)
 
 
-def plan() -> tuple[dict[str, tuple[list[float], Choice]], list[Job]]:
-    """The settled methods' (final grid, choice), and the tune runs still needed by the others (centres first)."""
+def plan() -> tuple[dict[str, Selection], list[Job]]:
+    """Every method's selection (see ``settle``), and the tune runs still needed (centres first, methods
+    interleaved)."""
     scores_of = record()
-    settled: dict[str, tuple[list[float], Choice]] = {}
-    missing: list[list[Job]] = []
-    for method in METHODS:
-        selection = settle(LR_GRID[method], lambda lr, m=method: scores_of.score(lr_job(m, lr), _tune_metric()), WIDEN,
-                           lambda lr, m=method: scores_of.bound(lr_job(m, lr), _tune_metric()))
-        if selection.choice is None:
-            missing.append([lr_job(method, lr) for lr in selection.missing])
-        else:
-            settled[method] = (selection.grid, selection.choice)
-    return settled, [job for row in zip_longest(*missing) for job in row if job is not None]
+    selections = {method: settle(LR_GRID[method], lambda lr, m=method: scores_of.score(lr_job(m, lr), _tune_metric()),
+                                 WIDEN, lambda lr, m=method: scores_of.bound(lr_job(m, lr), _tune_metric()))
+                  for method in METHODS}
+    missing = [[lr_job(method, lr) for lr in selection.missing] for method, selection in selections.items()]
+    return selections, [job for row in zip_longest(*missing) for job in row if job is not None]
 
 
-def final_jobs(settled: dict[str, tuple[list[float], Choice]]) -> list[Job]:
+def settled_choices(selections: dict[str, Selection]) -> dict[str, Choice]:
+    return {method: selection.choice for method, selection in selections.items() if selection.choice is not None}
+
+
+def final_jobs(settled: dict[str, Choice]) -> list[Job]:
     """The floor, then every settled method at its chosen lr, seed-major."""
     jobs = [Job(RUNS / "final" / "floor" / "s1", ("allocator=lora", "trainer.max_steps=0", "seed=1"))]
     for seed in SEEDS:
         for method in METHODS:
             if method in settled:
-                lr = settled[method][1].value
+                lr = settled[method].value
                 job = Job(RUNS / "final" / method / f"s{seed}",
                           (f"allocator={method}", f"model.optimizer.lr={lr}", f"seed={seed}"))
                 if done(job) and (ran := json.loads((job.out / "metrics.json").read_text())["config"]["model"]
@@ -96,13 +96,14 @@ def final_jobs(settled: dict[str, tuple[list[float], Choice]]) -> list[Job]:
 
 def run() -> None:
     """Drain the queue: needed tune runs first, then the final runs of every method already settled, so no
-    worker idles while another finishes a widened grid; return once nothing is left to claim."""
+    worker idles while another finishes a widened grid; return once every selection is resolved (a claimed tune
+    run stays pending until it is done) and nothing is left to claim."""
     while True:
-        settled, pending = plan()
-        if run_next([*pending, *final_jobs(settled)], BASE):
+        selections, pending = plan()
+        if run_next([*pending, *final_jobs(settled_choices(selections))], BASE):
             continue
-        if not pending and len(settled) == len(METHODS):
-            return  # every run is done or claimed by another worker
+        if not pending:
+            return
         time.sleep(20)
 
 
@@ -121,20 +122,29 @@ def report() -> None:
 
     scores_of = record()
     scores_of.update([Job(out, ()) for out in sorted(RUNS.glob("tune/*/lr*"))], _tune_metric())
-    settled, pending = plan()
+    selections = plan()[0]
+    settled = settled_choices(selections)
     lines = ["Method lr (tune split: 600 held-out training records, seed 1; accuracy x100; **chosen**; a choice at "
              f"an edge widens the grid, at most {WIDEN} times; scores kept in tune_record.json; *degenerate*: the "
-             "answers are constant within one answer format; <= x: scored under the older whole-split check only, "
-             "an upper bound that cannot change the choice):", "",
+             "answers are constant within one answer format, never chosen; <= x: scored under the older whole-split "
+             "check only, an upper bound that cannot change the choice):", "",
              "| method | grid: score | chosen | at edge |", "|---|---|---|---|"]
-    for method, (grid, choice) in settled.items():
-        cells = ", ".join(_cell(scores_of, method, lr, lr == choice.value) for lr in grid)
-        lines.append(f"| {method} | {cells} | {choice.value:g} | {'yes' if choice.at_edge else 'no'} |")
-    lines += [f"| {job.out.parent.name} | pending: {job.out.name} | | |" for job in pending]
+    for method, selection in selections.items():
+        choice = selection.choice
+        cells = ", ".join(_cell(scores_of, method, lr, choice is not None and lr == choice.value)
+                          for lr in selection.grid if lr not in selection.missing)
+        if choice is not None:
+            status, edge = f"{choice.value:g}", "yes" if choice.at_edge else "no"
+        elif selection.missing:
+            status, edge = "pending: " + ", ".join(f"{lr:g}" for lr in selection.missing), ""
+        else:
+            status, edge = "none admissible", ""
+        lines.append(f"| {method} | {cells} | {status} | {edge} |")
     (HERE / "lr_selection.md").write_text("\n".join(lines) + "\n")
     final = RUNS / "final"
-    if pending or not all(done(job) for job in final_jobs(settled)):
-        print("stage 1 or 2 has not finished: only lr_selection.md written", flush=True)
+    if len(settled) < len(METHODS) or not all(done(job) for job in final_jobs(settled)):
+        print("stage 1 or 2 has not finished (or a method has no admissible lr): only lr_selection.md written",
+              flush=True)
         return
     aggregate([str(final / name) for name in ("floor", *METHODS)]
               + ["--rows", "allocator.name,trainer.max_steps", "--out", str(HERE)])
