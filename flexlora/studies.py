@@ -60,14 +60,35 @@ def run_next(jobs: Iterable[Job], base: Sequence[str], train: Callable[[Any], An
     return False
 
 
-def final_metric(out: Path, key: str) -> float:
-    """A run's final metric; NaN (undefined) or a degenerate split (constant predictions, for a pooled split
-    within any one answer format) counts as -inf, so a collapsed run never wins a selection."""
+@dataclass(frozen=True)
+class Score:
+    """A run's tune metric as measured, why its split is degenerate ('' when it is not) and the degenerate rule
+    that judged it (None: a run or record entry from before rules had names)."""
+
+    value: float
+    degenerate: str = ""
+    check: str | None = None
+
+    @property
+    def selection_value(self) -> float:
+        """What a selection compares: NaN (undefined) and a degenerate split count as -inf, never winning."""
+        return float("-inf") if self.degenerate or math.isnan(self.value) else self.value
+
+
+def run_score(out: Path, key: str) -> Score:
+    """A finished run's ``key`` from its metrics.json (the split is the key's prefix)."""
     metrics = json.loads((out / METRICS).read_text())
+    split = key.split("/")[0]
+    degenerate = metrics.get("degenerate_reason", {}).get(split, "") or ("degenerate" if metrics.get(
+        "degenerate", {}).get(split) else "")
     value = metrics["final"][key]
-    if metrics.get("degenerate", {}).get(key.split("/")[0]):
-        return float("-inf")
-    return value if isinstance(value, float | int) and not math.isnan(value) else float("-inf")
+    return Score(float(value) if isinstance(value, float | int) else math.nan, degenerate,
+                 metrics.get("degenerate_check"))
+
+
+def final_metric(out: Path, key: str) -> float:
+    """A run's final metric as a selection compares it (``Score.selection_value``)."""
+    return run_score(out, key).selection_value
 
 
 @dataclass(frozen=True)
@@ -136,8 +157,9 @@ class ScoreRecord:
 
     ``score`` prefers the run's own metrics.json and falls back to the record, so a fresh checkout without the
     run folders makes the same selection; ``update`` records every finished run's score at full precision.
-    With a ``check`` (a family's ``degenerate_check``), only scores taken under that rule count as scores: a run
-    or an entry from an older rule is a ``bound`` (see ``settle``). Entries carry their rule when there is one.
+    With a ``check`` (a family's ``degenerate_check``), only scores judged under that rule count as scores: a run
+    or an entry from an older rule is a ``bound`` (see ``settle``); entries then keep the measured value, the
+    degenerate reason and the rule, so the record alone can say what each run did.
     """
 
     def __init__(self, path: Path, root: Path, check: str | None = None) -> None:
@@ -147,29 +169,32 @@ class ScoreRecord:
     def key(self, job: Job) -> str:
         return job.out.relative_to(self.root).as_posix()
 
-    def _lookup(self, job: Job, metric: str) -> tuple[float, str | None] | None:
-        """(score, the degenerate rule it was taken under) from the run folder, else from the record."""
+    def lookup(self, job: Job, metric: str) -> Score | None:
+        """The job's score from its run folder, else from the record; None when it has neither."""
         if done(job):
-            return final_metric(job.out, metric), json.loads((job.out / METRICS).read_text()).get("degenerate_check")
+            return run_score(job.out, metric)
         entry = self.entries.get(self.key(job))
-        if entry is None:
-            return None
-        return (entry["score"], entry.get("check")) if isinstance(entry, dict) else (entry, None)
+        if isinstance(entry, dict):
+            return Score(entry["score"], entry.get("degenerate", ""), entry.get("check"))
+        return None if entry is None else Score(entry)
 
     def score(self, job: Job, metric: str) -> float | None:
-        """The job's score under the record's check, or None when it has neither run here nor been recorded
-        (or, with a check, was scored under another rule: see ``bound``)."""
-        found = self._lookup(job, metric)
-        return found[0] if found is not None and self.check in (None, found[1]) else None
+        """The job's selection value under the record's check, or None when it has neither run here nor been
+        recorded (or, with a check, was judged under another rule: see ``bound``)."""
+        found = self.lookup(job, metric)
+        return found.selection_value if found is not None and self.check in (None, found.check) else None
 
     def bound(self, job: Job, metric: str) -> float | None:
-        """Any score the job has, under whatever rule: an upper bound of its score under the record's check."""
-        found = self._lookup(job, metric)
-        return None if found is None else found[0]
+        """The job's selection value under whatever rule judged it: an upper bound of its value under the
+        record's check."""
+        found = self.lookup(job, metric)
+        return None if found is None else found.selection_value
 
     def update(self, jobs: Iterable[Job], metric: str) -> None:
         for job in jobs:
             if done(job):
-                value, check = self._lookup(job, metric)
-                self.entries[self.key(job)] = value if self.check is None else {"score": value, "check": check}
-        self.path.write_text(json.dumps(dict(sorted(self.entries.items())), indent=1) + "\n")
+                found = run_score(job.out, metric)
+                self.entries[self.key(job)] = found.selection_value if self.check is None else {
+                    "score": found.value, "degenerate": found.degenerate, "check": found.check}
+        rows = [f" {json.dumps(key)}: {json.dumps(entry)}" for key, entry in sorted(self.entries.items())]
+        self.path.write_text("{\n" + ",\n".join(rows) + "\n}\n")  # one entry per line

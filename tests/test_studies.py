@@ -91,8 +91,9 @@ def test_a_record_with_a_check_counts_only_scores_taken_under_it(tmp_path: Path)
     assert [strict.score(j, "tune/acc") for j in (old, older_run, new)] == [None, None, 0.4]
     assert [strict.bound(j, "tune/acc") for j in (old, older_run, new)] == [0.5, 0.6, 0.4]
     strict.update([older_run, new], "tune/acc")
-    assert json.loads(path.read_text()) == {"lr0.001": 0.5, "lr0.002": {"score": 0.6, "check": "whole-split"},
-                                            "lr0.004": {"score": 0.4, "check": "per-format"}}
+    assert json.loads(path.read_text()) == {
+        "lr0.001": 0.5, "lr0.002": {"score": 0.6, "degenerate": "", "check": "whole-split"},
+        "lr0.004": {"score": 0.4, "degenerate": "", "check": "per-format"}}
     for job in (older_run, new):
         (job.out / "metrics.json").unlink()  # a fresh checkout keeps each entry's rule
     again = ScoreRecord(path, root, check="per-format")
@@ -127,3 +128,17 @@ def test_an_all_degenerate_grid_widens_downwards_and_then_has_no_choice() -> Non
     assert (none.choice, none.missing, none.grid) == (None, [], [2.5e-4, 5e-4, 1e-3, 2e-3])
     scores[2.5e-4] = 0.3  # one admissible value is enough
     assert settle((1e-3, 5e-4, 2e-3), scores.get, 1).choice.value == 2.5e-4
+
+
+def test_a_checked_record_keeps_a_degenerate_runs_measured_value_and_reason(tmp_path: Path) -> None:
+    root, path = tmp_path / "runs", tmp_path / "tune_record.json"
+    job = Job(root / "lr1e-3", ())
+    job.out.mkdir(parents=True)
+    (job.out / "metrics.json").write_text(json.dumps({
+        "final": {"tune/acc": 0.47}, "degenerate": {"tune": True}, "degenerate_check": "per-format",
+        "degenerate_reason": {"tune": "true/false items: every example predicted class true"}}))
+    ScoreRecord(path, root, check="per-format").update([job], "tune/acc")
+    (job.out / "metrics.json").unlink()
+    found = ScoreRecord(path, root, check="per-format").lookup(job, "tune/acc")
+    assert (found.value, found.degenerate) == (0.47, "true/false items: every example predicted class true")
+    assert ScoreRecord(path, root, check="per-format").score(job, "tune/acc") == float("-inf")

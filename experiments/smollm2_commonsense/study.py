@@ -108,11 +108,13 @@ def run() -> None:
 
 
 def _cell(scores_of: ScoreRecord, method: str, lr: float, chosen: bool) -> str:
-    score = scores_of.score(lr_job(method, lr), _tune_metric())
-    if score is None:
-        text = f"<= {100 * scores_of.bound(lr_job(method, lr), _tune_metric()):.2f}"
-    else:
-        text = "*degenerate*" if score == float("-inf") else f"{100 * score:.2f}"
+    """``lr: accuracy``; "(deg.)" when degenerate under the current rule; "<=" when judged only by an older one."""
+    found = scores_of.lookup(lr_job(method, lr), _tune_metric())
+    text = f"{100 * found.value:.2f}"
+    if scores_of.score(lr_job(method, lr), _tune_metric()) is None:
+        text = f"<= {text}"
+    elif found.degenerate:
+        text += " (deg.)"
     return f"**{lr:g}: {text}**" if chosen else f"{lr:g}: {text}"
 
 
@@ -126,8 +128,8 @@ def report() -> None:
     settled = settled_choices(selections)
     lines = ["Method lr (tune split: 600 held-out training records, seed 1; accuracy x100; **chosen**; a choice at "
              f"an edge widens the grid, at most {WIDEN} times; scores kept in tune_record.json; *degenerate*: the "
-             "answers are constant within one answer format, never chosen; <= x: scored under the older whole-split "
-             "check only, an upper bound that cannot change the choice):", "",
+             "answers are constant within one answer format, never chosen (deg.); <= x: judged by the older "
+             "whole-split check only, an upper bound that cannot change the choice):", "",
              "| method | grid: score | chosen | at edge |", "|---|---|---|---|"]
     for method, selection in selections.items():
         choice = selection.choice
@@ -140,6 +142,11 @@ def report() -> None:
         else:
             status, edge = "none admissible", ""
         lines.append(f"| {method} | {cells} | {status} | {edge} |")
+    lines += ["", "Degenerate tune runs (the reason their metrics.json gives):", ""]
+    lines += [f"- {method} {lr:g}: {found.degenerate}" for method, selection in selections.items()
+              for lr in selection.grid if lr not in selection.missing
+              for found in [scores_of.lookup(lr_job(method, lr), _tune_metric())]
+              if found.degenerate and found.check == scores_of.check]
     (HERE / "lr_selection.md").write_text("\n".join(lines) + "\n")
     final = RUNS / "final"
     if len(settled) < len(METHODS) or not all(done(job) for job in final_jobs(settled)):
