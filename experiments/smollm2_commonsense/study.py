@@ -8,8 +8,11 @@ Stages (the workers share one queue: the tune runs still needed come first, then
 whose lr is settled, so no worker idles while another widens a grid):
 1. lr: per method, the grid value with the best tune-split accuracy (600 held-out training records, seed 1); the
    first round runs every method's grid interleaved (centre values first), and a choice at an edge widens that
-   method's grid by one factor-2 step (at most WIDEN times). The scores are kept in tune_record.json, so a
-   checkout without the run folders makes the same choices without rerunning them.
+   method's grid by one factor-2 step (at most WIDEN times). A run whose answers are constant within one answer
+   format (the family's per-format ``degenerate_check``) is never chosen; a method whose every value is degenerate
+   widens downwards and then has no choice (and no final runs). The scores are kept in tune_record.json, so a
+   checkout without the run folders makes the same choices; scores judged by the older whole-split check are
+   upper bounds there, and only a run that could change a choice is redone.
 2. final: the floor (``trainer.max_steps=0``) and every method at its chosen lr, SEEDS, on the seven sets.
 Every run is the framework's own train() under multirun/smollm2_commonsense_v2/ (ignored by git); finished runs
 are skipped on a rerun, and a killed worker's claimed run is redone once its ``.claim`` file is deleted.
