@@ -86,11 +86,6 @@ def run_score(out: Path, key: str) -> Score:
                  metrics.get("degenerate_check"))
 
 
-def final_metric(out: Path, key: str) -> float:
-    """A run's final metric as a selection compares it (``Score.selection_value``)."""
-    return run_score(out, key).selection_value
-
-
 @dataclass(frozen=True)
 class Choice:
     value: float
@@ -178,11 +173,15 @@ class ScoreRecord:
             return Score(entry["score"], entry.get("degenerate", ""), entry.get("check"))
         return None if entry is None else Score(entry)
 
+    def judged(self, found: Score) -> bool:
+        """Whether a score was judged by the record's check (every score counts when the record has none)."""
+        return self.check in (None, found.check)
+
     def score(self, job: Job, metric: str) -> float | None:
         """The job's selection value under the record's check, or None when it has neither run here nor been
         recorded (or, with a check, was judged under another rule: see ``bound``)."""
         found = self.lookup(job, metric)
-        return found.selection_value if found is not None and self.check in (None, found.check) else None
+        return found.selection_value if found is not None and self.judged(found) else None
 
     def bound(self, job: Job, metric: str) -> float | None:
         """The job's selection value under whatever rule judged it: an upper bound of its value under the

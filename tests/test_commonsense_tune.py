@@ -89,11 +89,11 @@ def test_a_pooled_split_is_degenerate_when_one_answer_format_is_constant(data_di
 def test_a_selection_never_chooses_a_degenerate_run(tmp_path):
     import json
 
-    from flexlora.studies import final_metric
+    from flexlora.studies import run_score
 
     (tmp_path / "metrics.json").write_text(json.dumps({"final": {"tune/accuracy": 0.475},
                                                        "degenerate": {"tune": True}}))
-    assert final_metric(tmp_path, "tune/accuracy") == float("-inf")
+    assert run_score(tmp_path, "tune/accuracy").selection_value == float("-inf")
     (tmp_path / "metrics.json").write_text(json.dumps({"final": {"tune/accuracy": 0.475},
                                                        "degenerate": {"tune": False}}))
-    assert final_metric(tmp_path, "tune/accuracy") == 0.475
+    assert run_score(tmp_path, "tune/accuracy").selection_value == 0.475

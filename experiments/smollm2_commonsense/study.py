@@ -114,7 +114,7 @@ def _cell(scores_of: ScoreRecord, method: str, lr: float, chosen: bool) -> str:
     """``lr: accuracy``; "(deg.)" when degenerate under the current rule; "<=" when judged only by an older one."""
     found = scores_of.lookup(lr_job(method, lr), _tune_metric())
     text = f"{100 * found.value:.2f}"
-    if scores_of.score(lr_job(method, lr), _tune_metric()) is None:
+    if not scores_of.judged(found):
         text = f"<= {text}"
     elif found.degenerate:
         text += " (deg.)"
@@ -149,7 +149,7 @@ def report() -> None:
     lines += [f"- {method} {lr:g}: {found.degenerate}" for method, selection in selections.items()
               for lr in selection.grid if lr not in selection.missing
               for found in [scores_of.lookup(lr_job(method, lr), _tune_metric())]
-              if found.degenerate and found.check == scores_of.check]
+              if found.degenerate and scores_of.judged(found)]
     (HERE / "lr_selection.md").write_text("\n".join(lines) + "\n")
     final = RUNS / "final"
     if len(settled) < len(METHODS) or not all(done(job) for job in final_jobs(settled)):

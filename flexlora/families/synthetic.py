@@ -41,6 +41,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 class SyntheticFamily(Family):
     supports_tune = False  # the validation data is drawn fresh from the teacher: nothing to hold out
+    degenerate_check = "none"  # see degenerate(): errors, not class decisions
 
     def _config(self) -> Any:
         from flexlora.synthetic import SyntheticConfig
@@ -109,8 +110,6 @@ class SyntheticFamily(Family):
         learned = learned_updates(adapters, teacher.matrix_names)
         return {"rank/spearman": rank_spearman(ranks, teacher.target_ranks),
                 "rank/energy": captured_energy(learned, teacher.updates)}
-
-    degenerate_check = "none"
 
     def degenerate(self, records: EvalRecords) -> str:
         return ""  # predictions are per-example errors here, not class decisions
